@@ -1,0 +1,317 @@
+"""The one typed configuration of hakd.
+
+Every stage reads its section of `Config`. YAML files and `key.sub=value` overrides are
+validated against these dataclasses before any work starts: an unknown key, a wrong type or an
+impossible value raises `ConfigError` naming the key (the CLI turns it into exit status 2).
+Defaults are the embedded demo (`infra/configs/demo.yaml` restates them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+DATASETS = ("shapes", "cifar10", "stl10", "fashionmnist", "imagefolder")
+STUDENTS = ("student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"          # shapes (generated, no download) | cifar10 | stl10 | fashionmnist | imagefolder
+    root: str = "data"            # where real datasets live (torchvision layout) or the ImageFolder root
+    download: bool = False        # let torchvision download real datasets when the network allows
+    image_size: int = 32          # stored side length in pixels (images are kept as uint8 at this size)
+    train_size: int = 3000        # shapes only: training images
+    test_size: int = 500          # shapes: test images per variant; real data: cap on test images (0 = all)
+    texture_correlation: float = 0.85  # shapes only: P(texture matches class) in train and clean test
+    occlusion_fraction: float = 0.4    # fraction of the patch grid covered in the occluded variant
+    seed: int = 0                 # the dataset, its variants and its views are a function of this seed
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "vit_demo"        # registry name (teacher_cache.teachers.TEACHERS)
+    weights: str | None = None    # local weights file; None = train (demo) or the hub cache (real)
+    layers: list[str] = field(default_factory=list)  # cached layers; empty = the registry default
+    head: str = "auto"            # auto | trained (demo teachers fit end to end) | probe (linear probe on pooled features)
+    fit_epochs: int = 12          # demo teachers: epochs of end-to-end training on the training split
+    fit_lr: float = 2e-3          # demo teachers: AdamW learning rate
+
+
+@dataclass
+class CacheConfig:
+    views: int = 4                # K views per image; view 0 is the plain image, the others random-resized-crop + flip
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # area fraction range of the random crops
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # aspect ratio range of the random crops
+    flip_prob: float = 0.5        # probability that a random view is mirrored
+    shard_size: int = 512         # samples per shard = one Ray work unit = one writer
+    chunk_size: int = 64          # samples per chunk inside a shard (must divide shard_size)
+    batch_size: int = 128         # teacher forward batch
+    clevel: int = 3               # Blosc zstd level (bitshuffle)
+    workers: int = 2              # Ray actors writing shards in parallel
+
+
+@dataclass
+class TrainConfig:
+    students: list[str] = field(default_factory=lambda: ["student_kd_vit", "student_kd_cnn", "student_independent"])
+    arch: str = "resnet_demo"     # student architecture (student_train.students.STUDENTS): resnet_demo | resnet50
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05              # SGD with Nesterov momentum, one-cycle schedule
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    kd_lambda: float = 1.0        # lambda in L = CE + lambda (L_PCA + L_GL), and the hint weight for the CNN control
+    pca_swap_prob: float = 0.5    # partially-cross probability of swapping a student Q/K/V for the teacher's
+    gl_groups: int = 4            # GL projector: groups per side of the token grid (4 -> 16 linear maps)
+    logit_temperature: float = 4.0  # Hinton KD temperature (student_logit_kd)
+    amp: bool = True              # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True    # on GPU
+    compile: bool = False         # torch.compile the student
+    loader_workers: int = 2       # FFCV decoding threads
+    loader_timeout_s: float = 120.0  # a loader that yields nothing for this long is an error, never a hang
+    log_every: int = 50           # steps between host synchronisations for logging
+    device: str = "auto"          # auto | cpu | cuda
+
+
+@dataclass
+class AnalysisConfig:
+    models: list[str] = field(default_factory=lambda: [
+        "teacher_vit", "teacher_cnn", "student_kd_vit", "student_kd_cnn", "student_independent"])
+    eval_batch_size: int = 250
+    fourier_radii: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])  # fraction of Nyquist
+    cka_samples: int = 500        # test images used for CKA
+    cka_batch_size: int = 100     # minibatch for the unbiased-HSIC accumulator
+    gradcam_samples: int = 8      # images in the side-by-side GradCAM grid
+    gradcam_eval_samples: int = 100  # images behind the quantitative GradCAM measures
+    occlusion_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
+    adversarial_eps: list[float] = field(default_factory=lambda: [0.0, 0.002, 0.005, 0.01, 0.02])  # L-inf, pixels in [0, 1]
+    adversarial_samples: int = 200
+    pgd_steps: int = 5
+    workers: int = 2              # Ray tasks in flight
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None    # None = start a local Ray; "auto" or host:port joins an existing cluster
+    num_cpus: int | None = None   # local Ray only; None = all cores
+    dashboard: bool = False       # local Ray dashboard (bound to 127.0.0.1)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher_vit: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="vit_demo"))
+    teacher_cnn: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="wrn_demo"))
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the given sections (all when none): what decides whether a stage is reusable."""
+        d = self.to_dict()
+        part = {k: d[k] for k in sections} if sections else d
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`train.epochs=3` -> {"train": {"epochs": 3}}; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (the demo when None), apply overrides, validate, return a `Config`."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML file "
+                          f"(examples in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for o in overrides:
+        data = _merge(data, parse_override(o))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values, checked before any work starts."""
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    d, c, t, a = cfg.data, cfg.cache, cfg.train, cfg.analysis
+    need(d.name in DATASETS, "data.name", f"{d.name!r} is not one of {', '.join(DATASETS)}")
+    need(8 <= d.image_size <= 1024, "data.image_size", "must be between 8 and 1024")
+    need(d.train_size > 0, "data.train_size", "must be positive")
+    need(d.test_size >= 0, "data.test_size", "must be >= 0")
+    need(0.0 <= d.texture_correlation <= 1.0, "data.texture_correlation", "must be in [0, 1]")
+    need(0.0 <= d.occlusion_fraction < 1.0, "data.occlusion_fraction", "must be in [0, 1)")
+    for role in ("teacher_vit", "teacher_cnn"):
+        tc: TeacherConfig = getattr(cfg, role)
+        need(tc.head in ("auto", "trained", "probe"), f"{role}.head", "must be auto, trained or probe")
+        need(tc.fit_epochs >= 0, f"{role}.fit_epochs", "must be >= 0")
+        need(tc.fit_lr > 0, f"{role}.fit_lr", "must be positive")
+        if tc.weights is not None:
+            need(Path(tc.weights).expanduser().is_file(), f"{role}.weights",
+                 f"file {tc.weights} does not exist; give the path of a local weights file or null")
+    need(c.views >= 1, "cache.views", "must be >= 1")
+    need(0 < c.crop_scale[0] <= c.crop_scale[1] <= 1.0, "cache.crop_scale", "must satisfy 0 < min <= max <= 1")
+    need(0 < c.crop_ratio[0] <= c.crop_ratio[1], "cache.crop_ratio", "must satisfy 0 < min <= max")
+    need(0.0 <= c.flip_prob <= 1.0, "cache.flip_prob", "must be in [0, 1]")
+    need(c.shard_size > 0 and c.chunk_size > 0, "cache.shard_size", "shard_size and chunk_size must be positive")
+    need(c.shard_size % c.chunk_size == 0, "cache.chunk_size", f"must divide cache.shard_size ({c.shard_size})")
+    need(c.batch_size > 0, "cache.batch_size", "must be positive")
+    need(1 <= c.clevel <= 9, "cache.clevel", "must be in 1..9")
+    need(c.workers >= 1, "cache.workers", "must be >= 1")
+    need(len(t.students) > 0, "train.students", "name at least one student")
+    for s in t.students:
+        need(s in STUDENTS, "train.students", f"{s!r} is not one of {', '.join(STUDENTS)}")
+    need(len(set(t.students)) == len(t.students), "train.students", "names a student twice")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    need(t.kd_lambda >= 0, "train.kd_lambda", "must be >= 0")
+    need(0.0 <= t.pca_swap_prob <= 1.0, "train.pca_swap_prob", "must be in [0, 1]")
+    need(t.gl_groups >= 1, "train.gl_groups", "must be >= 1")
+    need(t.logit_temperature > 0, "train.logit_temperature", "must be positive")
+    need(t.loader_workers >= 1, "train.loader_workers", "must be >= 1")
+    need(t.loader_timeout_s > 0, "train.loader_timeout_s", "must be positive")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
+    valid_models = ("teacher_vit", "teacher_cnn", *STUDENTS)
+    for m in a.models:
+        need(m in valid_models, "analysis.models", f"{m!r} is not one of {', '.join(valid_models)}")
+    need(a.eval_batch_size >= 1, "analysis.eval_batch_size", "must be >= 1")
+    need(len(a.fourier_radii) > 0 and all(0 < r <= 1.5 for r in a.fourier_radii), "analysis.fourier_radii",
+         "must be a non-empty list of fractions of Nyquist in (0, 1.5]")
+    need(a.cka_samples >= 4, "analysis.cka_samples", "must be >= 4")
+    need(a.cka_batch_size >= 4, "analysis.cka_batch_size", "must be >= 4 (the unbiased HSIC needs n > 3)")
+    need(all(0 <= f < 1 for f in a.occlusion_fractions), "analysis.occlusion_fractions", "must lie in [0, 1)")
+    need(all(e >= 0 for e in a.adversarial_eps), "analysis.adversarial_eps", "must be >= 0")
+    need(a.pgd_steps >= 1, "analysis.pgd_steps", "must be >= 1")
+    need(a.workers >= 1, "analysis.workers", "must be >= 1")
+    need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

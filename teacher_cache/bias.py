@@ -1,0 +1,83 @@
+"""Bias-inducing image operations shared by every dataset: procedural textures and patch occlusion.
+
+Textures are the shortcut cue of the generated dataset and the background of textured
+FashionMNIST; occlusion is the paper's STL-10 treatment (drop a fraction of a patch grid and fill
+it with the mean, as in Naseer et al. 2021). Everything is a pure function of its seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TEXTURES = ("hstripes", "vstripes", "diagonal", "checker", "dots", "grid", "noise", "zigzag", "rings", "plain")
+# one colour pair per texture: texture = pattern + palette, the cue a texture-biased model can use
+PALETTES = np.array([
+    [(230, 60, 50), (250, 200, 40)],
+    [(40, 90, 220), (140, 220, 250)],
+    [(40, 170, 70), (200, 240, 120)],
+    [(120, 40, 160), (240, 170, 230)],
+    [(240, 130, 20), (90, 40, 10)],
+    [(20, 20, 20), (200, 200, 200)],
+    [(160, 110, 60), (230, 210, 170)],
+    [(0, 140, 140), (250, 120, 120)],
+    [(200, 30, 120), (60, 220, 200)],
+    [(110, 110, 240), (250, 250, 250)],
+], dtype=np.float32)
+
+
+def texture_images(texture_ids: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Float images in [0, 255], shape (N, size, size, 3), one texture per entry of `texture_ids`.
+
+    Patterns have a period of a few pixels whatever the image size, so they live in the high
+    frequencies, while shapes are low-frequency: that is what the Fourier analysis separates.
+    """
+    n = len(texture_ids)
+    period = max(3.0, size / 8.0)
+    yy, xx = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
+    phase = rng.uniform(0, period, size=(n, 2)).astype(np.float32)
+    y = yy[None] + phase[:, 0, None, None]
+    x = xx[None] + phase[:, 1, None, None]
+    w = 2 * np.pi / period
+    patterns = {
+        "hstripes": np.sin(w * y) > 0,
+        "vstripes": np.sin(w * x) > 0,
+        "diagonal": np.sin(w * (x + y) / 1.4142) > 0,
+        "checker": (np.sin(w * x) > 0) ^ (np.sin(w * y) > 0),
+        "dots": (np.sin(w * x) > 0.5) & (np.sin(w * y) > 0.5),
+        "grid": (np.sin(w * x) > 0.8) | (np.sin(w * y) > 0.8),
+        "noise": rng.random((n, size, size)) > 0.5,
+        "zigzag": np.sin(w * y + 2.0 * np.abs(((x / period) % 2) - 1) * np.pi) > 0,
+        "rings": np.sin(w * np.hypot(x - x.mean(axis=(1, 2), keepdims=True),
+                                     y - y.mean(axis=(1, 2), keepdims=True))) > 0,
+        "plain": np.zeros((n, size, size), dtype=bool),
+    }
+    out = np.empty((n, size, size, 3), dtype=np.float32)
+    for t, name in enumerate(TEXTURES):
+        sel = texture_ids == t
+        if not sel.any():
+            continue
+        on = patterns[name][sel][..., None]
+        out[sel] = np.where(on, PALETTES[t, 1], PALETTES[t, 0])
+    return out
+
+
+def occlude_patches(images: np.ndarray, fraction: float, grid: int, rng: np.random.Generator,
+                    fill: np.ndarray | None = None) -> np.ndarray:
+    """Cover `fraction` of a grid x grid patch partition of each image with `fill` (default: the mean).
+
+    images: uint8 or float (N, H, W, C). The same number of patches is dropped in every image,
+    chosen independently per image. Returns a new array of the same dtype.
+    """
+    n, h, w, c = images.shape
+    out = images.copy()
+    n_drop = int(round(fraction * grid * grid))
+    if n_drop == 0:
+        return out
+    if fill is None:
+        fill = images.reshape(-1, c).mean(axis=0)
+    ys = np.linspace(0, h, grid + 1).round().astype(int)
+    xs = np.linspace(0, w, grid + 1).round().astype(int)
+    for i in range(n):
+        for p in rng.permutation(grid * grid)[:n_drop]:
+            r, q = divmod(int(p), grid)
+            out[i, ys[r]:ys[r + 1], xs[q]:xs[q + 1]] = fill
+    return out
