@@ -195,7 +195,14 @@ def _build(cls, data: dict, prefix: str = ""):
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    defaults = cls()
+    kwargs = {}
+    for k, v in data.items():
+        current = getattr(defaults, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, dict):
+            # a partial section overrides the field's own default (e.g. teacher_cnn keeps name=wrn_demo)
+            v = _merge(_plain(dataclasses.asdict(current)), v)
+        kwargs[k] = _convert(v, hints[k], f"{prefix}.{k}" if prefix else k)
     return cls(**kwargs)
 
 

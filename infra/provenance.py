@@ -1,0 +1,52 @@
+"""What made an output: the resolved config, package versions and the git commit, written beside it."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from infra.config import Config, dump_config
+
+PACKAGES = ("torch", "torchvision", "timm", "ffcv", "zarr", "numcodecs", "ray", "numpy", "grad-cam", "hakd")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(cfg: Config) -> dict:
+    return {"versions": versions(), "commit": git_commit(), "created": now(), "config_digest": cfg.digest(),
+            "config": cfg.to_dict()}
+
+
+def write_run_info(directory: Path, cfg: Config, **extra) -> None:
+    """`config.yaml` (resolved) and `run.json` (versions, commit, time, extra) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(dump_config(cfg))
+    info = {"versions": versions(), "commit": git_commit(), "created": now(), "config_digest": cfg.digest(), **extra}
+    (directory / "run.json").write_text(json.dumps(info, indent=2))

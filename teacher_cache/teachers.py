@@ -1,0 +1,187 @@
+"""The teacher registry: what each teacher is, how to build it, where its weights come from.
+
+A `Teacher` wraps a backbone with its preprocessing. It takes float images in [0, 1] at its
+input size and either classifies them (`forward`) or returns the named intermediate outputs the
+cache stores (`extract`). Layers are module names of the backbone (`blocks.10` = the output
+tokens of ViT block 10, `layer3` = a ResNet stage), read with forward hooks, so any module can be
+cached by name.
+
+Default ViT layer: the residual stream entering the last block (`blocks.{depth-2}`). The trainer
+runs that one block live (its weights are kept in the store) to get the last block's Q, K, V and
+output tokens h_T: a quarter of the bytes that storing all four would take, for ~1/depth of the
+teacher's compute (see README, "What the cache stores").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teacher_cache.small_nets import SmallResNet
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class WeightsMissing(FileNotFoundError):
+    """The teacher's weights are neither in the given file nor in the hub cache."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    kind: str                                   # "vit" | "cnn"
+    build: Callable[[int, int], nn.Module]      # (num_classes, input_size) -> backbone with a fresh head
+    input_size: int | None                      # None = the dataset's image size (demo teachers)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    demo: bool                                  # small, trained end to end by the pipeline
+    default_layers: Callable[[nn.Module], list[str]]
+    head_prefix: str                            # state-dict prefix of the classifier head
+    weights_hint: str = ""                      # where real weights are expected
+    hub_files: tuple[str, ...] = field(default_factory=tuple)  # file names looked for in the hub caches
+
+
+def _vit_demo(num_classes: int, size: int) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=size, patch_size=max(2, size // 8), embed_dim=96, depth=4, num_heads=3,
+                             mlp_ratio=2.0, num_classes=num_classes)
+
+
+def _vit_b16_clip(num_classes: int, size: int) -> nn.Module:
+    import timm
+    return timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, num_classes=num_classes,
+                             img_size=size)
+
+
+def _wrn101(num_classes: int, size: int) -> nn.Module:
+    from torchvision.models import wide_resnet101_2
+    net = wide_resnet101_2(weights=None)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def _last_block_input(net: nn.Module) -> list[str]:
+    return [f"blocks.{len(net.blocks) - 2}"]
+
+
+TEACHERS: dict[str, TeacherSpec] = {s.name: s for s in [
+    TeacherSpec("vit_demo", "vit", _vit_demo, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True,
+                _last_block_input, "head."),
+    TeacherSpec("wrn_demo", "cnn", lambda c, s: SmallResNet(c, widths=(32, 64, 128, 256)), None,
+                (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, lambda net: ["layer3"], "fc."),
+    TeacherSpec("vit_b16_clip", "vit", _vit_b16_clip, 224, CLIP_MEAN, CLIP_STD, False, _last_block_input, "head.",
+                "timm vit_base_patch16_clip_224.openai: open_clip_pytorch_model.bin / model.safetensors from "
+                "the Hugging Face hub (timm/vit_base_patch16_clip_224.openai)",
+                ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")),
+    TeacherSpec("wrn101", "cnn", _wrn101, 224, IMAGENET_MEAN, IMAGENET_STD, False, lambda net: ["layer3"], "fc.",
+                "torchvision wide_resnet101_2 ImageNet weights (wide_resnet101_2-d733dc28.pth or -32ee1156.pth)",
+                ("wide_resnet101_2-d733dc28.pth", "wide_resnet101_2-32ee1156.pth")),
+]}
+
+
+def get_spec(name: str) -> TeacherSpec:
+    if name not in TEACHERS:
+        raise KeyError(f"unknown teacher {name!r}; registered: {', '.join(TEACHERS)}")
+    return TEACHERS[name]
+
+
+class Teacher(nn.Module):
+    """A backbone plus its preprocessing; inputs are float images in [0, 1]."""
+
+    def __init__(self, spec: TeacherSpec, num_classes: int, image_size: int):
+        super().__init__()
+        self.spec = spec
+        self.input_size = spec.input_size or image_size
+        self.net = spec.build(num_classes, self.input_size)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(x))
+
+    def default_layers(self) -> list[str]:
+        return self.spec.default_layers(self.net)
+
+    def extract(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Logits and the outputs of the named modules for images `x` in [0, 1]."""
+        modules = dict(self.net.named_modules())
+        missing = [l for l in layers if l not in modules]
+        if missing:
+            raise KeyError(f"teacher {self.spec.name} has no layer {missing[0]!r}; "
+                           f"examples: {', '.join(n for n in list(modules)[1:8])}")
+        out: dict[str, torch.Tensor] = {}
+        hooks = [modules[l].register_forward_hook(lambda m, i, o, l=l: out.__setitem__(l, o)) for l in layers]
+        try:
+            out["logits"] = self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-head features, what a linear probe is fitted on."""
+        net = self.net
+        if self.spec.kind == "vit":
+            return net.forward_head(net.forward_features(self.prepare(x)), pre_logits=True)
+        head = net.fc
+        feats = {}
+        h = head.register_forward_hook(lambda m, i, o: feats.__setitem__("x", i[0]))
+        try:
+            self(x)
+        finally:
+            h.remove()
+        return feats["x"]
+
+    def head(self) -> nn.Linear:
+        return self.net.head if self.spec.kind == "vit" else self.net.fc
+
+
+def find_weights(spec: TeacherSpec, weights: str | None) -> Path:
+    """The local weights file: the configured one, else the first match in the hub caches."""
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsMissing(f"teacher {spec.name}: weights file {path} does not exist")
+        return path
+    roots = [Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints",
+             Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HF_HOME", "~/.cache/huggingface") + "/hub")).expanduser()]
+    for root in roots:
+        if root.is_dir():
+            for name in spec.hub_files:
+                hits = sorted(root.rglob(name))
+                if hits:
+                    return hits[0]
+    raise WeightsMissing(
+        f"teacher {spec.name}: no weights found. Provide {spec.weights_hint}: set teacher_*.weights to the local "
+        f"file, or place it in one of {', '.join(str(r) for r in roots)} (this machine cannot download).")
+
+
+def load_backbone_weights(teacher: Teacher, path: Path) -> None:
+    """Load pretrained backbone weights (untrusted file: tensors only); the head stays fresh."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if teacher.spec.kind == "vit":  # OpenAI/open_clip layouts -> timm names
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        state = checkpoint_filter_fn(state, teacher.net)
+    prefix = teacher.spec.head_prefix
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    missing, unexpected = teacher.net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(prefix)]
+    if missing or unexpected:
+        raise ValueError(f"teacher {teacher.spec.name}: weights file {path} does not fit the architecture "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

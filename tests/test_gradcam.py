@@ -1,0 +1,129 @@
+"""Raw GradCAM maps on tiny models, and the spread measures on hand-made maps."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from analysis.gradcam import (energy_inside, gradcam_maps, mass_fraction, normalized_entropy, rank_correlation,
+                              resize_maps, summarize_gradcam, vit_reshape_transform)
+
+N_PIXELS = 64
+
+
+def _uniform_and_point():
+    uniform = np.full((8, 8), 0.3)
+    point = np.zeros((8, 8))
+    point[2, 5] = 4.0
+    return np.stack([uniform, point])
+
+
+def test_entropy_uniform_is_one_point_is_zero():
+    np.testing.assert_allclose(normalized_entropy(_uniform_and_point()), [1.0, 0.0], atol=1e-12)
+
+
+def test_mass_fractions():
+    maps = _uniform_and_point()
+    np.testing.assert_allclose(mass_fraction(maps, 0.5), [0.5, 1 / N_PIXELS])
+    np.testing.assert_allclose(mass_fraction(maps, 0.9), [0.9, 1 / N_PIXELS], atol=1 / N_PIXELS)
+
+
+def test_all_zero_map_gives_nan():
+    zero = np.zeros((1, 4, 4))
+    assert np.isnan(normalized_entropy(zero)).all()
+    assert np.isnan(mass_fraction(zero, 0.5)).all()
+    assert np.isnan(energy_inside(zero, np.ones((4, 4), bool))).all()
+
+
+def test_energy_inside_mask():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 1:5] = True
+    inside_only = rng.random((3, 8, 8)) * mask
+    np.testing.assert_allclose(energy_inside(inside_only, mask), 1.0)
+    np.testing.assert_allclose(energy_inside(np.ones((1, 8, 8)), mask), 16 / 64)  # uniform: the mask's area
+
+
+def test_rank_correlation_self_and_negation():
+    maps = np.random.default_rng(1).random((4, 7, 7))
+    np.testing.assert_allclose(rank_correlation(maps, maps), 1.0)
+    np.testing.assert_allclose(rank_correlation(maps, -maps), -1.0)
+    with pytest.raises(ValueError):
+        rank_correlation(maps, maps[:, :6])
+
+
+def test_summary_keys_and_values():
+    maps = _uniform_and_point()
+    summary = summarize_gradcam(maps, masks=np.ones((8, 8), bool), reference=maps)
+    assert set(summary) == {"entropy", "mass50", "mass90", "energy_inside", "rank_corr_teacher"}
+    assert summary["entropy"] == pytest.approx(0.5)
+    assert summary["energy_inside"] == pytest.approx(1.0)
+    assert summary["rank_corr_teacher"] == pytest.approx(1.0)
+    assert set(summarize_gradcam(maps)) == {"entropy", "mass50", "mass90"}
+
+
+def test_resize_maps_to_common_grid():
+    maps = np.random.default_rng(2).random((3, 4, 4)).astype(np.float32)
+    assert resize_maps(maps, 8).shape == (3, 8, 8)
+    assert resize_maps(maps, (6, 10)).shape == (3, 6, 10)
+    np.testing.assert_allclose(resize_maps(np.ones((1, 4, 4)), 7), 1.0)  # uniform stays uniform
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _batch(n=6, size=16):
+    torch.manual_seed(0)
+    return torch.rand(n, 3, size, size), torch.arange(n) % 10
+
+
+def test_cnn_maps_are_raw_not_minmax_scaled():
+    torch.manual_seed(0)
+    model = _TinyCNN().eval()
+    images, labels = _batch()
+    maps = gradcam_maps(model, model.features[-1], images, labels, batch_size=4)
+    assert maps.shape == (6, 8, 8) and maps.dtype == np.float32
+    assert (maps >= 0).all() and maps.max() > 0
+
+    louder = copy.deepcopy(model)
+    with torch.no_grad():
+        louder.fc.weight.mul_(10.0)
+    # raw maps scale with the logit; the package's min-max scaled maps cannot tell the two models apart
+    np.testing.assert_allclose(gradcam_maps(louder, louder.features[-1], images, labels), 10 * maps, rtol=1e-4,
+                               atol=1e-7)
+    targets = [ClassifierOutputTarget(int(c)) for c in labels]
+    scaled = []
+    for m in (model, louder):
+        with GradCAM(m, [m.features[-1]]) as cam:
+            scaled.append(cam(images, targets))
+    np.testing.assert_allclose(scaled[0], scaled[1], atol=1e-4)
+
+
+def test_frozen_model_under_no_grad():
+    torch.manual_seed(0)
+    model = _TinyCNN().eval().requires_grad_(False)
+    images, labels = _batch(3)
+    with torch.no_grad():
+        maps = gradcam_maps(model, model.features[-1], images, labels)
+    assert maps.shape == (3, 8, 8) and maps.max() > 0
+
+
+def test_vit_maps_with_reshape_transform():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    images, labels = _batch(4, size=32)
+    maps = gradcam_maps(vit, vit.blocks[-1].norm1, images, labels, reshape_transform=vit_reshape_transform(4, 4))
+    assert maps.shape == (4, 4, 4)
+    assert np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0

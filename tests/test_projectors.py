@@ -1,0 +1,264 @@
+"""Projectors (PCA, GL, hint), the grid rule and the per-kind KD objectives, on tiny tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from student_train.losses import KDObjective, logit_kd_loss
+from student_train.projectors import GLProjector, HintRegressor, PCAProjector, match_grid
+
+B, C_S, D, HEADS = 3, 6, 8, 2
+
+# (student H_S x W_S, teacher grid): larger, smaller, equal, and non-square mismatched.
+GRIDS = [((16, 16), (8, 8)), ((4, 4), (8, 8)), ((8, 8), (8, 8)), ((9, 13), (4, 6))]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def vit_teacher(grid, batch=B, dim=D, heads=HEADS, dtype=torch.float32):
+    """Random last-block Q, K, V (B, heads, N, d) and tokens h (B, N, D), prefix dropped."""
+    n = grid[0] * grid[1]
+    qkv = [torch.randn(batch, heads, n, dim // heads).to(dtype) for _ in range(3)]
+    return {"q": qkv[0], "k": qkv[1], "v": qkv[2], "h": torch.randn(batch, n, dim).to(dtype)}
+
+
+def assert_every_param_has_grad(module):
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# --- match_grid -------------------------------------------------------------------------------
+
+
+def test_match_grid_rule():
+    x = torch.randn(2, 3, 16, 16)
+    assert match_grid(x, (16, 16)) is x
+    assert torch.equal(match_grid(x, (8, 8)), F.adaptive_avg_pool2d(x, (8, 8)))
+    small = torch.randn(2, 3, 4, 4)
+    grown = F.interpolate(small, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(match_grid(small, (8, 8)), grown)
+    # Longer on one axis, shorter on the other: pool the long one, then interpolate.
+    mixed = torch.randn(2, 3, 16, 4)
+    expected = F.interpolate(F.adaptive_avg_pool2d(mixed, (8, 4)), size=(8, 8), mode="bilinear")
+    assert torch.equal(match_grid(mixed, (8, 8)), expected)
+
+
+# --- shapes and scalar losses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
+def test_pca_scalar_loss(student_hw, grid):
+    pca = PCAProjector(C_S, D, HEADS, grid=grid)
+    t = vit_teacher(grid)
+    loss = pca(torch.randn(B, C_S, *student_hw), t["q"], t["k"], t["v"])
+    assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert pca.last_swap.shape == (3, B) and pca.last_swap.dtype == torch.bool
+
+
+def test_pca_square_grid_inferred_and_non_square_needs_grid():
+    t = vit_teacher((8, 8))
+    assert torch.isfinite(PCAProjector(C_S, D, HEADS)(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"]))
+    t = vit_teacher((4, 6))
+    with pytest.raises(ValueError, match="grid"):
+        PCAProjector(C_S, D, HEADS)(torch.randn(B, C_S, 4, 6), t["q"], t["k"], t["v"])
+
+
+@pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
+def test_gl_shapes_and_scalar_loss(student_hw, grid):
+    gl = GLProjector(C_S, D, grid, groups=4)
+    h_s = torch.randn(B, C_S, *student_hw)
+    assert gl.project(h_s).shape == (B, grid[0] * grid[1], D)
+    loss = gl(h_s, vit_teacher(grid)["h"])
+    assert loss.shape == () and loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
+def test_hint_scalar_loss(student_hw, grid):
+    hint = HintRegressor(C_S, 5)
+    loss = hint(torch.randn(B, C_S, *student_hw), torch.randn(B, 5, *grid))
+    assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# --- gradients reach every parameter -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
+def test_gradients_reach_every_parameter(student_hw, grid):
+    t = vit_teacher(grid)
+    modules_and_losses = [
+        (pca := PCAProjector(C_S, D, HEADS, swap_prob=0.0, grid=grid), lambda h: pca(h, t["q"], t["k"], t["v"])),
+        (gl := GLProjector(C_S, D, grid, groups=4), lambda h: gl(h, t["h"])),
+        (hint := HintRegressor(C_S, 5), lambda h: hint(h, torch.randn(B, 5, *grid))),
+    ]
+    for module, loss_of in modules_and_losses:
+        h_s = torch.randn(B, C_S, *student_hw, requires_grad=True)
+        loss_of(h_s).backward()
+        assert_every_param_has_grad(module)
+        assert h_s.grad.abs().sum() > 0
+
+
+# --- a perfect match costs nothing ------------------------------------------------------------
+
+
+def test_pca_full_swap_is_exactly_zero():
+    pca = PCAProjector(C_S, D, HEADS, swap_prob=1.0, grid=(8, 8)).train()
+    t = vit_teacher((8, 8))
+    loss = pca(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"])
+    assert pca.last_swap.all()
+    assert loss.item() == 0.0
+
+
+def test_gl_identity_maps_tokens_row_major():
+    gl = GLProjector(D, D, (4, 6), groups=2)
+    with torch.no_grad():
+        gl.weight.copy_(torch.eye(D).expand_as(gl.weight))
+        gl.bias.zero_()
+    h_s = torch.randn(B, D, 4, 6)
+    assert gl(h_s, h_s.flatten(2).transpose(1, 2)).item() == 0.0
+
+
+def test_gl_groups_match_a_per_position_reference():
+    grid, groups = (6, 10), 4
+    gl = GLProjector(C_S, D, grid, groups)
+    h_s = torch.randn(B, C_S, *grid)
+    expected = torch.empty(B, grid[0] * grid[1], D)
+    with torch.no_grad():
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                g = (r * groups // grid[0]) * groups + c * groups // grid[1]
+                expected[:, r * grid[1] + c] = h_s[:, :, r, c] @ gl.weight[g] + gl.bias[g]
+    torch.testing.assert_close(gl.project(h_s), expected)
+    assert gl(h_s, expected).item() < 1e-10
+
+
+def test_gl_uneven_bands_on_the_vit_b16_grid():
+    index = GLProjector(C_S, D, (14, 14), groups=4).group_index.view(14, 14)
+    assert torch.bincount(index[:, 0] // 4).tolist() == [4, 3, 4, 3]  # group rows
+    assert torch.bincount(index[0]).tolist() == [4, 3, 4, 3]  # group columns
+    assert index.unique().numel() == 16
+
+
+def test_hint_identity_regressor_is_zero():
+    hint = HintRegressor(C_S, C_S).eval()
+    with torch.no_grad():
+        hint.conv.weight.copy_(torch.eye(C_S).view(C_S, C_S, 1, 1))
+        hint.bn.running_var.fill_(1.0 - hint.bn.eps)
+    f = torch.randn(B, C_S, 8, 8)
+    assert hint(f, f).item() < 1e-12
+
+
+def test_logit_kd_zero_for_identical_logits_and_matches_definition():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    assert abs(logit_kd_loss(t, t, 4.0).item()) < 1e-7
+    p_t = F.softmax(t / 4.0, dim=-1)
+    manual = (p_t * (p_t.log() - F.log_softmax(s / 4.0, dim=-1))).sum(-1).mean() * 16.0
+    torch.testing.assert_close(logit_kd_loss(s, t, 4.0), manual)
+
+
+# --- the partial cross -------------------------------------------------------------------------
+
+
+def test_swap_rate_matches_swap_prob_and_eval_never_swaps():
+    pca = PCAProjector(2, 2, 1, swap_prob=0.3, grid=(2, 2)).train()
+    t = vit_teacher((2, 2), batch=20_000, dim=2, heads=1)
+    h_s = torch.randn(20_000, 2, 2, 2)
+    pca(h_s, t["q"], t["k"], t["v"])
+    rates = pca.last_swap.float().mean(dim=1)
+    assert (rates - 0.3).abs().max() < 0.03
+    both_qk = (pca.last_swap[0] & pca.last_swap[1]).float().mean()
+    assert abs(both_qk - 0.09) < 0.01  # Q and K drawn independently
+    pca.eval()
+    pca(h_s, t["q"], t["k"], t["v"])
+    assert not pca.last_swap.any()
+
+
+def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn():
+    grid, batch = (4, 4), 16
+    pca = PCAProjector(C_S, D, HEADS, swap_prob=0.5, grid=grid).train()
+    t, h_s = vit_teacher(grid, batch=batch), torch.randn(batch, C_S, *grid)
+    loss = pca(h_s, t["q"], t["k"], t["v"])
+    swap = pca.last_swap
+    assert swap.any() and not swap.all()
+
+    def heads(x):
+        return x.flatten(2).view(batch, HEADS, D // HEADS, -1).transpose(2, 3)
+
+    q, k, v = (
+        torch.where(m.view(-1, 1, 1, 1), t[name], heads(conv(h_s)))
+        for m, name, conv in zip(swap, "qkv", (pca.to_q, pca.to_k, pca.to_v))
+    )
+    scale = (D // HEADS) ** -0.5
+    expected = F.mse_loss(
+        torch.softmax(q @ k.transpose(-1, -2) * scale, -1), torch.softmax(t["q"] @ t["k"].transpose(-1, -2) * scale, -1)
+    ) + F.mse_loss(v @ v.transpose(-1, -2) * scale, t["v"] @ t["v"].transpose(-1, -2) * scale)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_swap_is_reproducible_under_manual_seed():
+    pca = PCAProjector(C_S, D, HEADS, grid=(4, 4)).train()
+    t, h_s = vit_teacher((4, 4), batch=64), torch.randn(64, C_S, 4, 4)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        pca(h_s, t["q"], t["k"], t["v"])
+        masks.append(pca.last_swap)
+    assert torch.equal(*masks)
+
+
+# --- KDObjective -------------------------------------------------------------------------------
+
+VIT_ARGS = dict(student_channels=C_S, kd_lambda=0.5, teacher_dim=D, num_heads=HEADS, grid=(4, 6))
+CNN_ARGS = dict(student_channels=C_S, kd_lambda=0.5, teacher_channels=5)
+CASES = {
+    "student_kd_vit": (VIT_ARGS, lambda dt: vit_teacher((4, 6), dtype=dt), ("ce", "pca", "gl")),
+    "student_kd_cnn": (CNN_ARGS, lambda dt: {"feature": torch.randn(B, 5, 4, 6).to(dt)}, ("ce", "hint")),
+    "student_independent": ({}, lambda dt: None, ("ce",)),
+    "student_logit_kd": ({}, lambda dt: {"logits": torch.randn(B, 10).to(dt)}, ("ce", "logit_kd")),
+}
+
+
+@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
+def test_kd_objective_terms_and_total(kind, teacher_dtype):
+    args, make_teacher, keys = CASES[kind]
+    # swap_prob=0 so that no projector layer can go without gradient by chance.
+    objective = KDObjective(kind, label_smoothing=0.1, swap_prob=0.0, **args)
+    logits = torch.randn(B, 10, requires_grad=True)
+    feature = torch.randn(B, C_S, 8, 12, requires_grad=True)
+    total, terms = objective(logits, torch.randint(0, 10, (B,)), feature, make_teacher(teacher_dtype))
+    assert tuple(terms) == keys
+    assert all(v.dtype == torch.float32 and v.shape == () for v in [total, *terms.values()])
+    if kind == "student_logit_kd":
+        expected = 0.1 * terms["ce"] + 0.9 * terms["logit_kd"]
+    else:
+        expected = terms["ce"] + 0.5 * sum(terms[k] for k in keys[1:])
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert logits.grad.abs().sum() > 0
+    assert_every_param_has_grad(objective)
+    assert len(list(objective.parameters())) == {"student_kd_vit": 7, "student_kd_cnn": 3}.get(kind, 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "missing"),
+    [("student_kd_vit", name) for name in VIT_ARGS] + [("student_kd_cnn", name) for name in CNN_ARGS],
+)
+def test_kd_objective_names_the_missing_argument(kind, missing):
+    args = {k: v for k, v in {**VIT_ARGS, **CNN_ARGS}.items() if k != missing}
+    with pytest.raises(ValueError, match=missing):
+        KDObjective(kind, **args)
+
+
+def test_kd_objective_rejects_unknown_kind_and_missing_teacher_keys():
+    with pytest.raises(ValueError, match="unknown kind"):
+        KDObjective("student_kd_swin")
+    objective = KDObjective("student_kd_vit", **VIT_ARGS)
+    with pytest.raises(ValueError, match="'h'"):
+        teacher = vit_teacher((4, 6))
+        del teacher["h"]
+        objective(torch.randn(B, 10), torch.zeros(B, dtype=torch.long), torch.randn(B, C_S, 4, 6), teacher)
