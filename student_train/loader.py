@@ -1,0 +1,127 @@
+"""Stream (image, view, teacher outputs) batches from the packed FFCV file.
+
+`ViewOrder` decides, each epoch, which of its K cached views every image contributes (seeded,
+different per epoch) and shuffles them; with `distributed` each rank takes its own slice of that
+order, as torch's DistributedSampler would. `StudentLoader` wraps FFCV's loader so that a dead
+loader thread or a stall becomes an exception within a bounded time, never a silent hang, and
+hands out torch tensors with features reinterpreted as float16.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from queue import Empty
+
+import numpy as np
+import torch
+
+_THREAD_ERRORS: dict[int, BaseException] = {}
+_previous_hook = threading.excepthook
+
+
+def _record_thread_error(args):
+    # FFCV's loader thread dies with its exception printed and the consumer blocked: remember it
+    _THREAD_ERRORS[args.thread.ident] = args.exc_value
+    _previous_hook(args)
+
+
+threading.excepthook = _record_thread_error
+
+
+class LoaderError(RuntimeError):
+    """The data loader failed or stalled; the message names the cause."""
+
+
+def view_order(n_images: int, k: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Row indices (image * k + view) for one epoch: one view per image, shuffled, this rank's share."""
+    rng = np.random.default_rng([seed, epoch, 0x71E3])
+    rows = np.arange(n_images, dtype=np.int64) * k + rng.integers(0, k, n_images)
+    rows = rng.permutation(rows)
+    if world > 1:  # pad like DistributedSampler so every rank gets the same number of rows
+        total = -(-len(rows) // world) * world
+        rows = np.concatenate([rows, rows[: total - len(rows)]])
+        rows = rows[rank::world]
+    return rows.astype(np.uint64)
+
+
+def _make_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ViewOrder(TraversalOrder):
+        def __init__(self, loader, n_images: int, k: int):
+            super().__init__(loader)
+            self.n_images, self.k = n_images, k
+            if self.distributed:
+                self.rank = torch.distributed.get_rank()
+                self.world = torch.distributed.get_world_size()
+            else:
+                self.rank, self.world = 0, 1
+
+        def sample_order(self, epoch: int):
+            return view_order(self.n_images, self.k, self.seed, epoch, self.rank, self.world)
+
+    return ViewOrder
+
+
+class StudentLoader:
+    """Iterate one epoch at a time: dicts of tensors (image uint8 NHWC, label, index, view, fields)."""
+
+    def __init__(self, beton: Path, meta: dict, fields: list[str], batch_size: int, workers: int, seed: int,
+                 timeout_s: float = 120.0, distributed: bool = False, drop_last: bool = True, shuffle: bool = True):
+        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToTensor
+
+        self.meta, self.fields, self.timeout_s = meta, fields, timeout_s
+        pipelines = {"image": [NDArrayDecoder(), ToTensor()], "view": [NDArrayDecoder(), ToTensor()],
+                     "label": [IntDecoder(), ToTensor(), Squeeze()], "index": [IntDecoder(), ToTensor(), Squeeze()]}
+        for f in meta["fields"]:
+            pipelines[f] = [NDArrayDecoder(), ToTensor()] if f in fields else None
+        self.names = ["image", "label", "index", "view"]  # FFCV returns fields in file order
+        self.names += [f for f in meta["fields"] if f in fields]
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                             pipelines=pipelines, drop_last=drop_last, seed=seed, distributed=distributed)
+        if shuffle:
+            # FFCV 1.0.2 cannot take a custom order class in its constructor; install ours after
+            order = _make_order_class()(self.loader, meta["images"], meta["views"])
+            self.loader.traversal_order = order
+            self.loader.first_traversal_order = order.sample_order(0)
+        else:  # evaluation: view 0 of every image, in order
+            rows = (np.arange(meta["images"], dtype=np.uint64) * meta["views"])
+            self.loader.traversal_order.sample_order = lambda epoch: rows
+            self.loader.first_traversal_order = rows
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self):
+        it = iter(self.loader)
+        last = time.monotonic()
+        try:
+            while True:
+                try:
+                    item = it.output_queue.get(timeout=0.2)
+                except Empty:
+                    if not it.is_alive():
+                        err = _THREAD_ERRORS.pop(it.ident, None)
+                        raise LoaderError(f"the FFCV loader thread died: {type(err).__name__}: {err}") from err
+                    if time.monotonic() - last > self.timeout_s:
+                        raise LoaderError(f"the FFCV loader produced nothing for {self.timeout_s:.0f} s "
+                                          f"(train.loader_timeout_s); check the file {self.loader.fname}")
+                    continue
+                if item is None:
+                    return
+                slot, result = item
+                if hasattr(it, "current_stream"):  # CUDA: wait for the loader's copy stream
+                    it.current_stream.wait_stream(it.cuda_streams[slot])
+                last = time.monotonic()
+                batch = dict(zip(self.names, result))
+                for f in self.names[4:]:
+                    batch[f] = batch[f].view(torch.float16)
+                yield batch
+        finally:
+            it.close()

@@ -1,0 +1,130 @@
+"""Pack the teacher caches into one FFCV file that the student loaders stream from.
+
+One row per (image, view): the raw uint8 image, its label and index, the view parameters, and
+every cached teacher output for that view. A row per view (rather than a row per image with all
+K views) means an epoch reads only the view it trains on: K times fewer feature bytes.
+FFCV's numba pipeline cannot decode float16, so features are stored as their int16 bit pattern
+and reinterpreted as float16 on the torch side (`loader.py`).
+
+The file is rebuilt only when a cache changes: `data.json` beside it records the identity and
+per-shard checksums of the stores it was packed from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from teacher_cache.store import CacheStore
+
+FFCV_NAME, META_NAME = "data.beton", "data.json"
+
+
+def field_name(i: int) -> str:
+    return f"f{i}"  # FFCV keeps only 16 characters of a field name: short names, the mapping in data.json
+
+
+def _source_digest(stores: dict[str, CacheStore]) -> str:
+    h = hashlib.sha256()
+    for role, s in sorted(stores.items()):
+        h.update(role.encode())
+        h.update(json.dumps(s.attrs["identity"], sort_keys=True).encode())
+        h.update(s.group["units/crc32"][:].tobytes())
+    return h.hexdigest()
+
+
+class _Rows:
+    """Indexable (image, view) rows for FFCV's writer; reads one shard at a time per process."""
+
+    def __init__(self, paths: dict[str, str], arrays: dict[str, list[str]]):
+        self.paths, self.arrays = paths, arrays
+        first = CacheStore.open(next(iter(paths.values())))
+        self.k, self.n, self.shard = first.layout.views, first.layout.n, first.layout.shard_size
+        self._stores, self._cached_unit, self._cache = None, -1, {}
+
+    def __len__(self):
+        return self.n * self.k
+
+    def _load(self, unit: int):
+        if self._stores is None:  # opened lazily: each writer process has its own handles
+            self._stores = {r: CacheStore.open(p) for r, p in self.paths.items()}
+        lo, hi = unit * self.shard, min(self.n, (unit + 1) * self.shard)
+        base = next(iter(self._stores.values())).group
+        self._cache = {"images": base["images"][lo:hi], "labels": base["labels"][lo:hi],
+                       "views": base["views"][lo:hi]}
+        for role, names in self.arrays.items():
+            g = self._stores[role].group
+            for a in names:
+                self._cache[(role, a)] = g[a][lo:hi].view(np.int16)
+        self._cached_unit, self._lo = unit, lo
+
+    def __getitem__(self, row: int):
+        i, k = divmod(int(row), self.k)
+        unit = i // self.shard
+        if unit != self._cached_unit:
+            self._load(unit)
+        j = i - self._lo
+        c = self._cache
+        out = [c["images"][j], int(c["labels"][j]), i, c["views"][j, k]]
+        out += [c[(role, a)][j, k] for role, names in self.arrays.items() for a in names]
+        return tuple(out)
+
+
+def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) -> tuple[Path, dict]:
+    """Write (or reuse) `out_dir/data.beton` from the role -> store mapping; returns (path, meta)."""
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    opened = {role: CacheStore.open(p) for role, p in stores.items()}
+    for role, s in opened.items():
+        problems = s.verify()
+        if problems:
+            raise RuntimeError(f"cache store {s.path} ({role}) is not usable: {problems[0]}. "
+                               f"Run `hakd verify {s.path}` and re-run `hakd cache` to repair it.")
+    layouts = {role: s.layout for role, s in opened.items()}
+    first = next(iter(layouts.values()))
+    for role, lay in layouts.items():
+        ident = opened[role].attrs["identity"]
+        if (lay.n, lay.views, lay.image_size) != (first.n, first.views, first.image_size) or \
+                ident["dataset"]["fingerprint"] != next(iter(opened.values())).attrs["identity"]["dataset"]["fingerprint"]:
+            raise RuntimeError(f"cache stores {', '.join(str(s.path) for s in opened.values())} were written for "
+                               f"different data or views; re-run `hakd cache` with one config")
+    digest = _source_digest(opened)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    beton, meta_path = out_dir / FFCV_NAME, out_dir / META_NAME
+    if beton.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source_digest") == digest:
+            return beton, meta
+
+    arrays = {role: ["logits"] + [f"features/{l}" for l in lay.layers] for role, lay in layouts.items()}
+    s = first.image_size
+    fields = {"image": NDArrayField(np.dtype("uint8"), (s, s, 3)), "label": IntField(), "index": IntField(),
+              "view": NDArrayField(np.dtype("float32"), (5,))}
+    meta_fields = {}
+    row_bytes = s * s * 3 + 5 * 4 + 16
+    for role, names in arrays.items():
+        for a in names:
+            shape, _ = layouts[role].arrays()[a]
+            fname = field_name(len(meta_fields))
+            fields[fname] = NDArrayField(np.dtype("int16"), tuple(shape[2:]))
+            meta_fields[fname] = {"role": role, "array": a, "shape": list(shape[2:])}
+            row_bytes += int(np.prod(shape[2:])) * 2
+    # every field of a row must fit in one page
+    page_size = max(1 << 22, 1 << int(np.ceil(np.log2(row_bytes * 2 + 4096))))
+    tmp = beton.with_suffix(".beton.tmp")
+    rows = _Rows({r: str(p) for r, p in stores.items()}, arrays)
+    writer = DatasetWriter(str(tmp), fields, num_workers=workers, page_size=page_size)
+    log(f"packing {len(rows)} rows ({row_bytes / 1024:.1f} KiB each) into {beton}")
+    writer.from_indexed_dataset(rows, chunksize=first.shard_size * first.views)  # one shard read per chunk
+    os.replace(tmp, beton)  # a half-written file never takes the real name
+    meta = {"source_digest": digest, "rows": len(rows), "images": first.n, "views": first.views,
+            "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
+            "stores": {r: str(p) for r, p in stores.items()},
+            "identities": {r: o.attrs["identity"] for r, o in opened.items()}}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return beton, meta
