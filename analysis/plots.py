@@ -149,12 +149,13 @@ def plot_occlusion(occlusion: dict, path: Path) -> Path:
 
 
 def plot_adversarial(adversarial: dict, path: Path) -> Path:
-    """Two panels, FGSM and PGD: accuracy (%) against the L-inf budget eps."""
+    """Two panels, FGSM and PGD: accuracy (%) against the L-inf budget eps, in units of 1/255."""
     fig, axes = _new_figure(9, 4, ncols=2)
     for ax, attack in zip(axes, ("fgsm", "pgd")):
-        _curves(ax, {m: a[attack] for m, a in adversarial.items() if attack in a}, "eps", "accuracy")
+        # budgets are usually quoted as k/255 for images in [0, 1], so the axis shows k
+        _curves(ax, {m: a[attack] for m, a in adversarial.items() if attack in a}, "eps", "accuracy", x_scale=255)
         ax.set_title(attack.upper(), fontsize=10)
-        ax.set_xlabel("ε (L∞ budget, images in [0, 1])")
+        ax.set_xlabel("ε × 255 (L∞ budget, images in [0, 1])")
     axes[0].set_ylabel("top-1 accuracy (%)")
     _legend_below(fig, axes[0] if axes[0].lines else axes[1])
     return _save(fig, path)

@@ -147,7 +147,13 @@ def _versus(values: dict, subject: str, others: list[str], scale: Scale) -> str 
             parts.append(f"equal to {where}")
         else:
             parts.append(f"{abs(diff):.{scale.decimals}f}{scale.unit} {'higher' if diff > 0 else 'lower'} than {where}")
-    return " and ".join(parts) or None
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else (parts[0] if parts else None)
+
+
+def _eps(eps: float) -> str:
+    """An L-inf budget as k/255 when it is one (the usual way to quote it), else as a decimal."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
 
 
 def _jsonable(obj):
@@ -201,9 +207,10 @@ def _table1(metrics: dict) -> list:
 
 
 def _accuracy_findings(metrics: dict) -> list[str]:
-    """Per variant: the most accurate student, and the KD student against the other students."""
+    """Per bias variant (clean only when there is no other): the most accurate student, and the KD student against the others."""
     accuracy, out = metrics.get("accuracy") or {}, []
-    for v in _variants(metrics):
+    variants = _variants(metrics)
+    for v in [v for v in variants if v != "clean"] or variants:
         scores = {m: accuracy[m].get(v) for m in order_models(accuracy) if m.startswith("student")}
         scores = {m: s for m, s in scores.items() if math.isfinite(_shown(s, PERCENT))}
         if not scores:
@@ -285,7 +292,7 @@ def _findings(metrics: dict) -> list:
         largest = _at_largest({m: a[attack] for m, a in adversarial.items() if attack in a}, "eps")
         if largest:
             sentences.append(_kd_sentence(largest[1], PERCENT, lambda kd, vs: f"Under {attack.upper()} at the "
-                                          f"largest ε ({largest[0]:.4g}), the KD student keeps {kd} accuracy, {vs}."))
+                                          f"largest ε ({_eps(largest[0])}), the KD student keeps {kd} accuracy, {vs}."))
     missing = [title for title, keys, _ in SECTIONS if not any(metrics.get(k) for k in keys)]
     if missing:
         sentences.append("Not measured: " + ", ".join(missing) + ".")
@@ -362,7 +369,7 @@ def _adversarial_section(metrics: dict, out: Path) -> tuple[list, dict]:
     for attack in ("fgsm", "pgd"):
         section = {m: a[attack] for m, a in adversarial.items() if attack in a}
         if section:
-            blocks += [Para(f"{attack.upper()} accuracy, by ε:"), _curve_table(section, "eps", "accuracy", lambda e: f"ε={e:.4g}")]
+            blocks += [Para(f"{attack.upper()} accuracy, by ε:"), _curve_table(section, "eps", "accuracy", lambda e: f"ε={_eps(e)}")]
         else:
             blocks.append(Para(f"{attack.upper()}: not measured."))
     return blocks, {"plot_adversarial": path}
@@ -377,36 +384,43 @@ def _shape_bias_section(metrics: dict, out: Path) -> tuple[list, dict]:
 
 
 DEFINITIONS = {
-    "Accuracy": "Top-1 accuracy (%) on one test set per variant: *clean* images; *occluded*, the same images with "
-                "part of them covered by mean-grey patches; *texture*, shapes filled with another class's texture "
-                "(shape and texture cues conflict). Higher is better; chance is 100% / number of classes.",
-    "Fourier analysis": "Accuracy (%) on images filtered in the Fourier domain (Wang et al. 2020). A low-pass filter keeps "
-                        "the spatial frequencies of radius ≤ r, a high-pass filter those above r; r is a fraction of the "
-                        "Nyquist frequency (0 keeps only the image mean, 1 is the circle touching Nyquist on each axis). "
-                        "Low-frequency reliance = ∫₀¹ min(low(r) / clean, 1) dr, where clean is the accuracy on unfiltered "
-                        "images: 1 means the model keeps its clean accuracy on blurred images, near 0 that it needs fine "
-                        "detail. High-frequency reliance is the same integral of high(r). Both lie in [0, 1]; a model at "
-                        "chance still scores chance / clean, so compare models on the same task.",
-    "CKA with the ViT teacher": "Linear centred kernel alignment (Kornblith et al. 2019) between the activations of a "
-                                "student layer and of a ViT-teacher layer on the same images, a debiased (unbiased HSIC) "
-                                "minibatch estimate. Unitless: 1 means the two representations are identical up to "
-                                "rotation and isotropic scale, 0 that they share no linear structure; the debiased "
-                                "estimate can dip slightly below 0. The first table is the paper's initial-layer comparison.",
-    "GradCAM attention": "GradCAM maps (ReLU of the gradient-weighted activations of the model's last stage), raw rather "
-                         "than min-max scaled, on a common grid; each measure is a mean over images. *entropy*: entropy of "
-                         "the map as a distribution divided by log(number of pixels), in [0, 1], 1 for a uniform map. "
-                         "*mass50* / *mass90*: the smallest fraction of pixels holding 50% / 90% of the map's mass. For "
-                         "these three, higher = more global attention. *energy_inside*: fraction of the mass on the object "
-                         "(higher = better localised). *rank_corr_teacher*: Spearman correlation with the teacher's map of "
-                         "the same image, in [−1, 1]. The grid, when present, min-max scales each map for display only.",
-    "Occlusion": "Accuracy (%) when a fraction of the image area, as random patches of a grid, is replaced by the data "
-                 "set's mean colour (Naseer et al. 2021). A flatter curve means more robust to occlusion.",
-    "Adversarial robustness": "Accuracy (%) under L∞-bounded attacks: FGSM (one signed-gradient step) and PGD (several "
-                              "projected steps from a random start). ε is the largest change allowed per pixel and "
-                              "channel, for images in [0, 1] (8/255 ≈ 0.031); ε = 0 is the clean accuracy.",
-    "Shape bias": "On cue-conflict images, whose shape names one class and whose texture another (Geirhos et al. 2019), "
-                  "shape bias = shape decisions / (shape + texture decisions), in [0, 1]; predictions matching neither "
-                  "cue are left out. 1 means the model always follows the shape, 0 always the texture.",
+    "Accuracy": (
+        "Top-1 accuracy (%) on one test set per variant: *clean* images; *occluded*, the same images with "
+        "part of them covered by mean-grey patches; *texture*, shapes filled with another class's texture "
+        "(shape and texture cues conflict). Higher is better; chance is 100% / number of classes."),
+    "Fourier analysis": (
+        "Accuracy (%) on images filtered in the Fourier domain (Wang et al. 2020). A low-pass filter keeps "
+        "the spatial frequencies of radius ≤ r, a high-pass filter those above r; r is a fraction of the "
+        "Nyquist frequency (0 keeps only the image mean, 1 is the circle touching Nyquist on each axis). "
+        "Low-frequency reliance = ∫₀¹ min(low(r) / clean, 1) dr, where clean is the accuracy on unfiltered "
+        "images: 1 means the model keeps its clean accuracy on blurred images, near 0 that it needs fine "
+        "detail. High-frequency reliance is the same integral of high(r). Both lie in [0, 1]; a model at "
+        "chance still scores chance / clean, so compare models on the same task."),
+    "CKA with the ViT teacher": (
+        "Linear centred kernel alignment (Kornblith et al. 2019) between the activations of a student layer "
+        "and of a ViT-teacher layer on the same images, a debiased (unbiased HSIC) minibatch estimate. "
+        "Unitless: 1 means the two representations are identical up to rotation and isotropic scale, 0 that "
+        "they share no linear structure; the debiased estimate can dip slightly below 0. The first table is "
+        "the paper's initial-layer comparison."),
+    "GradCAM attention": (
+        "GradCAM maps (ReLU of the gradient-weighted activations of the model's last stage), raw rather than "
+        "min-max scaled, on a common grid; each measure is a mean over images. *entropy*: entropy of the map "
+        "as a distribution divided by log(number of pixels), in [0, 1], 1 for a uniform map. *mass50* / "
+        "*mass90*: the smallest fraction of pixels holding 50% / 90% of the map's mass. For these three, "
+        "higher = more global attention. *energy_inside*: fraction of the mass on the object (higher = "
+        "better localised). *rank_corr_teacher*: Spearman correlation with the teacher's map of the same image, in "
+        "[−1, 1]. The grid, when present, min-max scales each map for display only."),
+    "Occlusion": (
+        "Accuracy (%) when a fraction of the image area, as random patches of a grid, is replaced by the "
+        "data set's mean colour (Naseer et al. 2021). A flatter curve means more robust to occlusion."),
+    "Adversarial robustness": (
+        "Accuracy (%) under L∞-bounded attacks: FGSM (one signed-gradient step) and PGD (several projected "
+        "steps from a random start). ε is the largest change allowed per pixel and channel, for images in "
+        "[0, 1] (8/255 ≈ 0.031); ε = 0 is the clean accuracy."),
+    "Shape bias": (
+        "On cue-conflict images, whose shape names one class and whose texture another (Geirhos et al. 2019),"
+        " shape bias = shape decisions / (shape + texture decisions), in [0, 1]; predictions matching neither"
+        " cue are left out. 1 means the model always follows the shape, 0 always the texture."),
 }
 # (title, metrics keys any of which enables the section, builder returning its blocks and plot paths)
 SECTIONS = [

@@ -132,7 +132,7 @@ def test_findings_for_the_other_measures(tmp_path):
     assert "low-frequency reliance is 0.800, 0.100 higher than the control student (0.700)" in findings
     assert "CKA with the ViT teacher is 0.730, 0.050 higher than the independent student (0.680)" in findings
     assert "against the control student (0.800 and 0.600) both are higher (more global)" in findings
-    assert "Under PGD at the largest ε (0.03137), the KD student keeps 10.00% accuracy, " \
+    assert "Under PGD at the largest ε (8/255), the KD student keeps 10.00% accuracy, " \
            "15.00 points lower than the control student (25.00%)" in findings
 
 

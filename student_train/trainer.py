@@ -1,0 +1,274 @@
+"""Train one student from the packed cache: CE, CE + lambda (PCA + GL), CE + hint, or logit KD.
+
+The loop is the usual one with the teacher replaced by cached tensors: each batch brings raw
+images, the view each was cached under, and the teacher's outputs for that view; the view is
+replayed on the device so the student sees exactly the teacher's input. For the ViT teacher the
+cache holds the residual stream entering its last block, and that one frozen block runs here to
+give Q, K, V and the output tokens (see teacher_cache/teachers.py for why).
+
+bf16 autocast and channels_last on GPU (bf16 needs no loss scaler), DDP when launched by torchrun
+(WORLD_SIZE > 1), a checkpoint every epoch (model, projectors, optimiser, schedule, RNG) from which
+a killed run resumes to the same weights, and a `metrics.jsonl` line per epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from infra.config import Config
+from student_train.loader import StudentLoader
+from student_train.losses import KDObjective
+from student_train.students import Student
+from teacher_cache.datasets import fingerprint, load_split
+from teacher_cache.store import CacheStore
+from teacher_cache.teachers import get_spec
+from teacher_cache.views import apply_views
+
+NEEDS = {"student_kd_vit": ("teacher_vit", "tokens"), "student_kd_cnn": ("teacher_cnn", "feature"),
+         "student_logit_kd": ("teacher_vit", "logits"), "student_independent": (None, None)}
+
+
+class CacheMismatch(RuntimeError):
+    """The packed cache does not fit the student's config; raised before training starts."""
+
+
+class LastBlockTargets(nn.Module):
+    """The ViT teacher's last block, frozen: cached block input -> Q, K, V and output tokens."""
+
+    def __init__(self, teacher_name: str, num_classes: int, image_size: int, params: dict[str, np.ndarray]):
+        super().__init__()
+        spec = get_spec(teacher_name)
+        net = spec.build(num_classes, spec.input_size or image_size)
+        self.block = net.blocks[-1]
+        self.block.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+        self.prefix = net.num_prefix_tokens
+        self.heads = self.block.attn.num_heads
+        self.grid = tuple(net.patch_embed.grid_size)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.float()
+        b, n, d = x.shape
+        attn = self.block.attn
+        qkv = attn.qkv(self.block.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+        h = self.block(x)
+        p = self.prefix
+        return {"q": q[:, :, p:], "k": k[:, :, p:], "v": v[:, :, p:], "h": h[:, p:]}
+
+
+def _field(meta: dict, role: str, what: str, layer: str | None = None) -> str:
+    for f, info in meta["fields"].items():
+        if info["role"] != role:
+            continue
+        if what == "logits" and info["array"] == "logits":
+            return f
+        if what != "logits" and info["array"].startswith("features/") and (layer is None or info["array"] == f"features/{layer}"):
+            return f
+    raise CacheMismatch(f"the cache has no {what} {'for layer ' + layer if layer else ''} from {role}; "
+                        f"add it to {role}.layers and re-run `hakd cache`")
+
+
+def check_cache(cfg: Config, kind: str, meta: dict) -> dict:
+    """Everything the student needs from the cache, checked up front; returns the field plan."""
+    train_fp = fingerprint(load_split(cfg.data, "train"))
+    for role, ident in meta["identities"].items():
+        if ident["dataset"]["fingerprint"] != train_fp:
+            raise CacheMismatch(f"the cache of {role} was computed on other data than data.* describes "
+                                f"(dataset fingerprint differs); re-run `hakd cache` for this config")
+        if ident["views"]["k"] != cfg.cache.views:
+            raise CacheMismatch(f"the cache of {role} holds {ident['views']['k']} views per image, "
+                                f"cache.views is {cfg.cache.views}; re-run `hakd cache`")
+        if ident["teacher"] != getattr(cfg, role).name:
+            raise CacheMismatch(f"the cache of {role} is from teacher {ident['teacher']}, the config names "
+                                f"{getattr(cfg, role).name}; re-run `hakd cache`")
+    role, what = NEEDS[kind]
+    plan = {"role": role}
+    if what == "tokens":
+        depth = len(get_spec(cfg.teacher_vit.name).build(meta["num_classes"], cfg.data.image_size).blocks)
+        plan["field"] = _field(meta, role, "tokens", f"blocks.{depth - 2}")
+    elif what == "feature":
+        plan["field"] = _field(meta, role, "feature")
+    elif what == "logits":
+        plan["field"] = _field(meta, role, "logits")
+    return plan
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class _Step(nn.Module):
+    """Student + objective as one module, so DDP reduces the projectors' gradients too."""
+
+    def __init__(self, student: Student, objective: KDObjective, kd_layer: str):
+        super().__init__()
+        self.student, self.objective, self.kd_layer = student, objective, kd_layer
+
+    def forward(self, x, labels, teacher):
+        logits, feats = self.student.forward_with(x, (self.kd_layer,))
+        total, terms = self.objective(logits, labels, feats[self.kd_layer], teacher)
+        return total, terms, logits
+
+
+def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
+                  log=print) -> dict:
+    """Train (or resume) one student into out_dir; returns the final metrics line."""
+    rank, world = _dist()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    t = cfg.train
+    plan = check_cache(cfg, kind, meta)
+    torch.manual_seed(cfg.seed)
+    num_classes = meta["num_classes"]
+    student = Student(t.arch, num_classes, cfg.data.image_size)
+    kd_layer = student.spec.kd_layer
+    live = None
+    kw = dict(kind=kind, student_channels=student.channels(kd_layer), kd_lambda=t.kd_lambda,
+              label_smoothing=t.label_smoothing, gl_groups=t.gl_groups, swap_prob=t.pca_swap_prob,
+              temperature=t.logit_temperature)
+    if kind == "student_kd_vit":
+        params = CacheStore.open(meta["stores"]["teacher_vit"]).read_params("live_block")
+        live = LastBlockTargets(cfg.teacher_vit.name, num_classes, cfg.data.image_size, params).to(device)
+        dim = meta["fields"][plan["field"]]["shape"][-1]
+        kw.update(teacher_dim=dim, num_heads=live.heads, grid=live.grid)
+    elif kind == "student_kd_cnn":
+        kw.update(teacher_channels=meta["fields"][plan["field"]]["shape"][0])
+    step_module = _Step(student, KDObjective(**kw), kd_layer).to(device)
+    on_gpu = device.startswith("cuda")
+    if on_gpu and t.channels_last:
+        step_module = step_module.to(memory_format=torch.channels_last)
+    model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+    if t.compile:
+        model = torch.compile(model)
+
+    fields = [plan["field"]] if plan.get("field") else []
+    loader = StudentLoader(beton, meta, fields, t.batch_size // world, t.loader_workers, cfg.seed,
+                           t.loader_timeout_s, distributed=world > 1)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise CacheMismatch(f"train.batch_size {t.batch_size} exceeds the {meta['images']} cached images")
+    opt = torch.optim.SGD(step_module.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps_per_epoch,
+                                                pct_start=0.25)
+    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+    start_epoch = 0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("digest") == _digest(cfg, kind):
+            step_module.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["schedule"])
+            torch.set_rng_state(ck["rng"])
+            start_epoch = ck["epoch"] + 1
+            log(f"{kind}: resuming after epoch {ck['epoch'] + 1}/{t.epochs}")
+    if rank == 0 and metrics_path.exists():  # drop lines of epochs that will be re-run
+        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+
+    clean = load_split(cfg.data, "clean")
+    last = {}
+    for epoch in range(start_epoch, t.epochs):
+        last = _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, device, rank, kind)
+        last["test_clean_accuracy"] = _evaluate(student, clean, device, cfg.analysis.eval_batch_size)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            _atomic_save({"model": step_module.state_dict(), "optimizer": opt.state_dict(),
+                          "schedule": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                          "digest": _digest(cfg, kind)}, ckpt_path)
+            log(f"{kind} epoch {epoch + 1}/{t.epochs}: loss {last['loss']:.3f} train acc {last['train_accuracy']:.3f} "
+                f"test acc {last['test_clean_accuracy']:.3f} ({last['images_per_s']:.0f} img/s)")
+    if rank == 0:
+        _atomic_save(student.cpu().state_dict(), out_dir / "model.pt")
+        if not last and metrics_path.exists():
+            last = json.loads(metrics_path.read_text().splitlines()[-1])
+    return last
+
+
+def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, device, rank, kind) -> dict:
+    t = cfg.train
+    student = step_module.student
+    step_module.train()
+    loader.set_epoch(epoch)
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device)
+    seen, start = 0, time.time()
+    bar = tqdm(total=len(loader), desc=f"{kind} epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
+               disable=rank != 0)
+    on_gpu = str(device).startswith("cuda")
+    for i, batch in enumerate(loader):
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        x = apply_views(images, batch["view"].to(device, non_blocking=True), student.input_size)
+        if on_gpu and t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        teacher = {}
+        if plan.get("field"):
+            cached = batch[plan["field"]].to(device, non_blocking=True)
+            if kind == "student_kd_vit":
+                teacher = live(cached)
+            elif kind == "student_kd_cnn":
+                teacher = {"feature": cached}
+            else:
+                teacher = {"logits": cached}
+        with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and t.amp):
+            total, terms, logits = model(x, labels, teacher)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+        # accumulate on the device; the host synchronises only every log_every steps
+        for k, v in {"loss": total, **terms}.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update(1)
+        if (i + 1) % t.log_every == 0:
+            bar.set_postfix(loss=f"{(sums['loss'] / seen).item():.3f}",
+                            img_s=f"{seen / (time.time() - start):.0f}")
+    bar.close()
+    stats = torch.stack([sums[k] for k in sorted(sums)] + [correct.float(), torch.tensor(float(seen), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    total_seen = stats[-1].item()
+    out = {"epoch": epoch, **{k: stats[j].item() / total_seen for j, k in enumerate(sorted(sums))},
+           "train_accuracy": stats[-2].item() / total_seen, "lr": sched.get_last_lr()[0],
+           "images_per_s": total_seen / (time.time() - start), "seconds": time.time() - start}
+    return out
+
+
+@torch.no_grad()
+def _evaluate(student: Student, split: dict, device, batch: int) -> float:
+    was = student.training
+    student.eval()
+    correct = 0
+    for i in range(0, len(split["labels"]), batch):
+        x = torch.from_numpy(split["images"][i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 255
+        correct += (student(x).argmax(1).cpu() == torch.from_numpy(split["labels"][i:i + batch])).sum().item()
+    student.train(was)
+    return correct / max(1, len(split["labels"]))
+
+
+def _digest(cfg: Config, kind: str) -> str:
+    return cfg.digest("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train") + ":" + kind
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
