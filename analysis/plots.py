@@ -109,7 +109,8 @@ def plot_accuracy(accuracy: dict, variants: list[str], path: Path) -> Path:
 def plot_fourier(fourier: dict, path: Path) -> Path:
     """Two panels: accuracy (%) on low-pass and on high-pass filtered images against the cut-off radius."""
     fig, axes = _new_figure(9, 4, ncols=2)
-    for ax, key, title in zip(axes, ("low", "high"), ("low-pass (frequencies ≤ r kept)", "high-pass (frequencies > r kept)")):
+    titles = ("low-pass (frequencies ≤ r kept)", "high-pass (frequencies > r kept)")
+    for ax, key, title in zip(axes, ("low", "high"), titles):
         _curves(ax, fourier, "radius", key)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("cut-off radius r (fraction of Nyquist)")

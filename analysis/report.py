@@ -37,7 +37,7 @@ class Heading(NamedTuple):
 
 
 class Para(NamedTuple):
-    text: str  # may hold **bold** and *italic*
+    text: str  # may hold *italic*
 
 
 class Table(NamedTuple):
@@ -66,15 +66,15 @@ def _to_markdown(blocks: list) -> str:
 
 
 def _inline_html(text: str) -> str:
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
+    """Escaped text with Markdown's *italic* as <em>."""
+    return re.sub(r"\*(.+?)\*", r"<em>\1</em>", html.escape(text))
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:62em;margin:2em auto;padding:0 1em;line-height:1.45;"
         "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;"
         "padding:.25em .6em;text-align:left}th{background:#f3f3f3}td.n{text-align:right;"
-        "font-variant-numeric:tabular-nums}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:.85em;color:#555}")
+        "font-variant-numeric:tabular-nums}figure{margin:1em 0}img{max-width:100%}"
+        "figcaption{font-size:.85em;color:#555}")
 _NUMERIC = re.compile(r"^[−+-]?\d+(\.\d+)?%?$")
 _NUM_CLASS = ' class="n"'  # numbers are right-aligned
 
@@ -184,7 +184,7 @@ def _family(teacher: str) -> str:
 
 
 def _table1(metrics: dict) -> list:
-    """Accuracy (%) per variant; for each teacher-student pair both rows, then the unpaired students."""
+    """Accuracy (%) per variant: each teacher followed by its students (meta.pairs), then the unpaired students."""
     accuracy, meta = metrics.get("accuracy") or {}, metrics.get("meta", {})
     blocks = [Heading(2, "Table 1: top-1 accuracy (%) per test variant")]
     if not accuracy:
@@ -192,22 +192,26 @@ def _table1(metrics: dict) -> list:
     variants, arch = _variants(metrics), meta.get("teachers", {})
     models = order_models([*meta.get("models", []), *accuracy])
     cells = lambda m: [_fmt(accuracy.get(m, {}).get(v), PERCENT).rstrip("%") for v in variants]
-    rows, placed = [], set()
+    students_of: dict[str, list[str]] = {}
     for student, teacher in (meta.get("pairs") or DEFAULT_PAIRS).items():
-        if student in models or teacher in models:
-            name = style(teacher).display + (f" ({arch[teacher]})" if teacher in arch else "")
-            rows.append([f"{_family(teacher)} → ResNet", "Teacher", name, *cells(teacher)])
-            rows.append(["", "Student", style(student).display, *cells(student)])
-            placed |= {student, teacher}
+        if student in models:
+            students_of.setdefault(teacher, []).append(student)
+    rows, placed = [], set()
+    for teacher in order_models(students_of):
+        name = style(teacher).display + (f" ({arch[teacher]})" if teacher in arch else "")
+        rows.append([f"{_family(teacher)} → ResNet", "Teacher", name, *cells(teacher)])
+        rows += [["", "Student", style(s).display, *cells(s)] for s in order_models(students_of[teacher])]
+        placed |= {teacher, *students_of[teacher]}
     for m in models:
         if m not in placed:
-            rows.append([UNPAIRED.get(m, "—"), "Student" if m.startswith("student") else "—", style(m).display, *cells(m)])
+            role = "Student" if m.startswith("student") else "—"
+            rows.append([UNPAIRED.get(m, "—"), role, style(m).display, *cells(m)])
     return blocks + [Table(["Distillation", "Role", "Model", *variants], rows),
                      Para("— : not measured. Students are ResNets; the teacher's architecture is in parentheses.")]
 
 
 def _accuracy_findings(metrics: dict) -> list[str]:
-    """Per bias variant (clean only when there is no other): the most accurate student, and the KD student against the others."""
+    """Per bias variant (clean only if there is no other): the most accurate student, the KD student vs the others."""
     accuracy, out = metrics.get("accuracy") or {}, []
     variants = _variants(metrics)
     for v in [v for v in variants if v != "clean"] or variants:
@@ -218,7 +222,8 @@ def _accuracy_findings(metrics: dict) -> list[str]:
         top = max(_shown(s, PERCENT) for s in scores.values())
         best = [m for m, s in scores.items() if _shown(s, PERCENT) == top]
         names = " and ".join(style(m).short for m in best)
-        lead = f"On *{v}*, the most accurate student{'s are' if len(best) > 1 else ' is'} {names} ({_fmt(scores[best[0]], PERCENT)})"
+        lead = (f"On *{v}*, the most accurate student{'s are' if len(best) > 1 else ' is'} {names} "
+                f"({_fmt(scores[best[0]], PERCENT)})")
         versus = _versus(scores, KD, COMPARED, PERCENT) if KD in scores else None
         if versus is None:
             out.append(lead + ".")
@@ -249,9 +254,11 @@ def _gradcam_finding(gradcam: dict) -> str | None:
     if KD not in gradcam:
         return None
     kd = {k: _shown(gradcam[KD].get(k), FRACTION) for k in ("entropy", "mass90")}
+    if not all(math.isfinite(v) for v in kd.values()):
+        return None
     parts = []
     for other in COMPARED:
-        if other not in gradcam or not all(math.isfinite(v) for v in kd.values()):
+        if other not in gradcam:
             continue
         o = {k: _shown(gradcam[other].get(k), FRACTION) for k in kd}
         if not all(math.isfinite(v) for v in o.values()):
@@ -278,7 +285,8 @@ def _findings(metrics: dict) -> list:
     initial = metrics.get("cka_initial") or {}
     layers = f"{initial.get('layer', '?')} vs the ViT teacher's {initial.get('teacher_layer', '?')}"
     sentences.append(_kd_sentence(initial, FRACTION, lambda kd, vs: f"In the initial layers ({layers}), the KD "
-                                  f"student's CKA with the ViT teacher is {kd}, {vs}.", [INDEPENDENT, CONTROL, LOGIT_KD]))
+                                  f"student's CKA with the ViT teacher is {kd}, {vs}.",
+                                  others=[INDEPENDENT, CONTROL, LOGIT_KD]))
     sentences.append(_gradcam_finding(metrics.get("gradcam") or {}))
     shape = metrics.get("shape_bias") or {}
     sentences.append(_kd_sentence({m: s.get("shape_bias") for m, s in shape.items()}, FRACTION,
@@ -291,9 +299,9 @@ def _findings(metrics: dict) -> list:
     for attack in ("fgsm", "pgd"):
         largest = _at_largest({m: a[attack] for m, a in adversarial.items() if attack in a}, "eps")
         if largest:
-            sentences.append(_kd_sentence(largest[1], PERCENT, lambda kd, vs: f"Under {attack.upper()} at the "
-                                          f"largest ε ({_eps(largest[0])}), the KD student keeps {kd} accuracy, {vs}."))
-    missing = [title for title, keys, _ in SECTIONS if not any(metrics.get(k) for k in keys)]
+            sentences.append(_kd_sentence(largest[1], PERCENT, lambda kd, vs: f"Under {attack.upper()} at the largest "
+                                          f"ε ({_eps(largest[0])}), the KD student keeps {kd} accuracy, {vs}."))
+    missing = [title for title, keys, _ in SECTIONS if not _measured(metrics, keys)]
     if missing:
         sentences.append("Not measured: " + ", ".join(missing) + ".")
     return [Heading(2, "Findings"), Para(" ".join(s for s in sentences if s))]
@@ -313,20 +321,22 @@ def _curve_table(section: dict, x_key: str, y_key: str, x_label: Callable[[float
 
 def _accuracy_section(metrics: dict, out: Path) -> tuple[list, dict]:
     path = plots.plot_accuracy(metrics["accuracy"], _variants(metrics), out / "accuracy.png")
-    return [Image(path, "Top-1 accuracy per test variant"), Para("The numbers are in Table 1.")], {"plot_accuracy": path}
+    blocks = [Image(path, "Top-1 accuracy per test variant"), Para("The numbers are in Table 1.")]
+    return blocks, {"plot_accuracy": path}
 
 
 def _fourier_section(metrics: dict, out: Path) -> tuple[list, dict]:
     fourier = metrics["fourier"]
     path = plots.plot_fourier(fourier, out / "fourier.png")
-    summary = Table(["Model", "clean accuracy", "low-frequency reliance", "high-frequency reliance"],
-                    [[style(m).display, _fmt(fourier[m].get("clean"), PERCENT), _fmt(fourier[m].get("low_frequency_reliance")),
-                      _fmt(fourier[m].get("high_frequency_reliance"))] for m in order_models(fourier)])
-    radius = lambda r: f"r={r:.2f}"
-    return [Image(path, "Accuracy on low-pass and high-pass filtered images"), summary,
-            Para("Accuracy on low-pass filtered images, by radius:"), _curve_table(fourier, "radius", "low", radius),
-            Para("Accuracy on high-pass filtered images, by radius:"), _curve_table(fourier, "radius", "high", radius)], \
-        {"plot_fourier": path}
+    rows = [[style(m).display, _fmt(fourier[m].get("clean"), PERCENT),
+             *(_fmt(fourier[m].get(k)) for k in ("low_frequency_reliance", "high_frequency_reliance"))]
+            for m in order_models(fourier)]
+    summary = Table(["Model", "clean accuracy", "low-frequency reliance", "high-frequency reliance"], rows)
+    blocks = [Image(path, "Accuracy on low-pass and high-pass filtered images"), summary]
+    for key, kind in (("low", "low-pass"), ("high", "high-pass")):
+        blocks += [Para(f"Accuracy on {kind} filtered images, by radius:"),
+                   _curve_table(fourier, "radius", key, lambda r: f"r={r:.2f}")]
+    return blocks, {"plot_fourier": path}
 
 
 def _cka_section(metrics: dict, out: Path) -> tuple[list, dict]:
@@ -334,14 +344,16 @@ def _cka_section(metrics: dict, out: Path) -> tuple[list, dict]:
     initial = metrics.get("cka_initial") or {}
     students = [m for m in order_models(initial) if m not in ("layer", "teacher_layer")]
     if students:
-        blocks += [Para(f"Initial layers: student {initial.get('layer', '?')} vs ViT teacher {initial.get('teacher_layer', '?')}."),
+        blocks += [Para(f"Initial layers: student {initial.get('layer', '?')} vs ViT teacher "
+                        f"{initial.get('teacher_layer', '?')}."),
                    Table(["Model", "linear CKA"], [[style(m).display, _fmt(initial[m])] for m in students])]
     teacher = (metrics.get("meta", {}).get("pairs") or DEFAULT_PAIRS).get(KD, "teacher_vit")
     cka = metrics.get("cka") or {}
     for m in order_models(cka):
         entry = cka[m]
         path = paths[f"plot_cka_{m}"] = plots.plot_cka(entry, m, teacher, out / f"cka_{m}.png")
-        blocks += [Heading(3, style(m).display), Image(path, f"Linear CKA, {style(m).display} vs {style(teacher).display}"),
+        blocks += [Heading(3, style(m).display),
+                   Image(path, f"Linear CKA, {style(m).display} vs {style(teacher).display}"),
                    Table(["student \\ teacher layer", *entry["teacher_layers"]],
                          [[layer, *map(_fmt, row)] for layer, row in zip(entry["student_layers"], entry["matrix"])])]
     return blocks, paths
@@ -351,7 +363,8 @@ def _gradcam_section(metrics: dict, out: Path) -> tuple[list, dict]:
     gradcam = metrics["gradcam"]
     path = plots.plot_gradcam_measures(gradcam, GRADCAM_MEASURES, out / "gradcam_measures.png")
     table = Table(["Model", *GRADCAM_MEASURES],
-                  [[style(m).display, *(_fmt(gradcam[m].get(k)) for k in GRADCAM_MEASURES)] for m in order_models(gradcam)])
+                  [[style(m).display, *(_fmt(gradcam[m].get(k)) for k in GRADCAM_MEASURES)]
+                   for m in order_models(gradcam)])
     return [Image(path, "GradCAM measures, means over images"), table], {"plot_gradcam": path}
 
 
@@ -369,7 +382,8 @@ def _adversarial_section(metrics: dict, out: Path) -> tuple[list, dict]:
     for attack in ("fgsm", "pgd"):
         section = {m: a[attack] for m, a in adversarial.items() if attack in a}
         if section:
-            blocks += [Para(f"{attack.upper()} accuracy, by ε:"), _curve_table(section, "eps", "accuracy", lambda e: f"ε={_eps(e)}")]
+            blocks += [Para(f"{attack.upper()} accuracy, by ε:"),
+                       _curve_table(section, "eps", "accuracy", lambda e: f"ε={_eps(e)}")]
         else:
             blocks.append(Para(f"{attack.upper()}: not measured."))
     return blocks, {"plot_adversarial": path}
@@ -408,8 +422,8 @@ DEFINITIONS = {
         "as a distribution divided by log(number of pixels), in [0, 1], 1 for a uniform map. *mass50* / "
         "*mass90*: the smallest fraction of pixels holding 50% / 90% of the map's mass. For these three, "
         "higher = more global attention. *energy_inside*: fraction of the mass on the object (higher = "
-        "better localised). *rank_corr_teacher*: Spearman correlation with the teacher's map of the same image, in "
-        "[−1, 1]. The grid, when present, min-max scales each map for display only."),
+        "better localised). *rank_corr_teacher*: Spearman correlation with the ViT teacher's map of the "
+        "same image, in [−1, 1]. The grid, when present, min-max scales each map for display only."),
     "Occlusion": (
         "Accuracy (%) when a fraction of the image area, as random patches of a grid, is replaced by the "
         "data set's mean colour (Naseer et al. 2021). A flatter curve means more robust to occlusion."),
@@ -418,9 +432,9 @@ DEFINITIONS = {
         "steps from a random start). ε is the largest change allowed per pixel and channel, for images in "
         "[0, 1] (8/255 ≈ 0.031); ε = 0 is the clean accuracy."),
     "Shape bias": (
-        "On cue-conflict images, whose shape names one class and whose texture another (Geirhos et al. 2019),"
-        " shape bias = shape decisions / (shape + texture decisions), in [0, 1]; predictions matching neither"
-        " cue are left out. 1 means the model always follows the shape, 0 always the texture."),
+        "On cue-conflict images, whose shape names one class and whose texture another (Geirhos et al. "
+        "2019), shape bias = shape decisions / (shape + texture decisions), in [0, 1]; predictions matching "
+        "neither cue are left out. 1 means the model always follows the shape, 0 always the texture."),
 }
 # (title, metrics keys any of which enables the section, builder returning its blocks and plot paths)
 SECTIONS = [
@@ -434,9 +448,18 @@ SECTIONS = [
 ]
 
 
+def _models_in(metrics: dict, keys: list[str]) -> set[str]:
+    """The models with an entry in any of these sections (cka_initial also names its layers)."""
+    return {m for k in keys for m in (metrics.get(k) or {})} - {"layer", "teacher_layer"}
+
+
+def _measured(metrics: dict, keys: list[str]) -> bool:
+    return bool(_models_in(metrics, keys))
+
+
 def _not_measured_for(metrics: dict, keys: list[str]) -> Para | None:
     """Names the models of the run (meta.models) that a section lacks; the teacher is not expected in CKA."""
-    present = {m for k in keys for m in (metrics.get(k) or {})}
+    present = _models_in(metrics, keys)
     expected = [m for m in metrics.get("meta", {}).get("models", []) if not ("cka" in keys and m.startswith("teacher"))]
     missing = [style(m).display for m in order_models(expected) if m not in present]
     return Para("Not measured for: " + ", ".join(missing) + ".") if missing else None
@@ -470,10 +493,12 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
               *_table1(metrics), *_findings(metrics)]
     for name, keys, build in SECTIONS:
         blocks += [Heading(2, name), Para(DEFINITIONS[name])]
-        if any(metrics.get(k) for k in keys):
+        if _measured(metrics, keys):
             section_blocks, plot_paths = build(metrics, out_dir)
-            blocks += section_blocks + [p for p in [_not_measured_for(metrics, keys)] if p]
+            blocks += section_blocks
             paths.update(plot_paths)
+            if note := _not_measured_for(metrics, keys):
+                blocks.append(note)
         else:
             blocks.append(Para("Not measured."))
         if name == "GradCAM attention" and gradcam_grid is not None:

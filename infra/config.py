@@ -18,13 +18,15 @@ from typing import Any
 
 import yaml
 
+from infra.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 DATASETS = ("shapes", "cifar10", "stl10", "fashionmnist", "imagefolder")
 STUDENTS = ("student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 

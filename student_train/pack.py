@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from teacher_cache.store import CacheStore
+from teacher_cache.store import CacheStore, StoreError
 
 FFCV_NAME, META_NAME = "data.beton", "data.json"
 
@@ -82,7 +82,7 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     for role, s in opened.items():
         problems = s.verify()
         if problems:
-            raise RuntimeError(f"cache store {s.path} ({role}) is not usable: {problems[0]}. "
+            raise StoreError(f"cache store {s.path} ({role}) is not usable: {problems[0]}. "
                                f"Run `hakd verify {s.path}` and re-run `hakd cache` to repair it.")
     layouts = {role: s.layout for role, s in opened.items()}
     first = next(iter(layouts.values()))
@@ -90,7 +90,7 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
         ident = opened[role].attrs["identity"]
         if (lay.n, lay.views, lay.image_size) != (first.n, first.views, first.image_size) or \
                 ident["dataset"]["fingerprint"] != next(iter(opened.values())).attrs["identity"]["dataset"]["fingerprint"]:
-            raise RuntimeError(f"cache stores {', '.join(str(s.path) for s in opened.values())} were written for "
+            raise StoreError(f"cache stores {', '.join(str(s.path) for s in opened.values())} were written for "
                                f"different data or views; re-run `hakd cache` with one config")
     digest = _source_digest(opened)
     out_dir = Path(out_dir)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from infra.config import Config
+from infra.errors import UserError
 from student_train.loader import StudentLoader
 from student_train.losses import KDObjective
 from student_train.students import Student
@@ -36,7 +37,7 @@ NEEDS = {"student_kd_vit": ("teacher_vit", "tokens"), "student_kd_cnn": ("teache
          "student_logit_kd": ("teacher_vit", "logits"), "student_independent": (None, None)}
 
 
-class CacheMismatch(RuntimeError):
+class CacheMismatch(UserError, RuntimeError):
     """The packed cache does not fit the student's config; raised before training starts."""
 
 

@@ -25,10 +25,12 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from infra.errors import UserError
+
 FORMAT = "hakd-cache/1"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that cannot be used as asked; the message says why and what to do."""
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infra.errors import UserError
 from teacher_cache.small_nets import SmallResNet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-class WeightsMissing(FileNotFoundError):
+class WeightsMissing(UserError, FileNotFoundError):
     """The teacher's weights are neither in the given file nor in the hub cache."""
 
 

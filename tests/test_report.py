@@ -26,19 +26,24 @@ def _metrics(seed=0):
     radius, fraction, eps = [0.1, 0.25, 0.5, 0.75, 1.0], [0.0, 0.25, 0.5, 0.75], [0.0, 1 / 255, 4 / 255, 8 / 255]
     metrics = {
         "meta": {"dataset": "shapes", "variants": VARIANTS, "models": MODELS,
-                 "pairs": {"student_kd_vit": "teacher_vit", "student_kd_cnn": "teacher_cnn"},
+                 "pairs": {"student_kd_vit": "teacher_vit", "student_kd_cnn": "teacher_cnn",
+                           "student_logit_kd": "teacher_vit"},
                  "teachers": {"teacher_vit": "vit_demo", "teacher_cnn": "wrn_demo"}, "commit": "abc123",
-                 "config_digest": "d1g35t", "created": "2025-01-01T12:00:00", "seconds": {"teachers": 12.5, "students": 30.1}},
+                 "config_digest": "d1g35t", "created": "2025-01-01T12:00:00",
+                 "seconds": {"teachers": 12.5, "students": 30.1}},
         "accuracy": {m: {v: float(rng.uniform(0.4, 0.99)) for v in VARIANTS} for m in MODELS},
-        "cka": {m: {"student_layers": ["layer1", "layer2", "layer3"], "teacher_layers": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+        "cka": {m: {"student_layers": ["layer1", "layer2", "layer3"],
+                    "teacher_layers": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
                     "matrix": rng.uniform(0, 1, (3, 4)).tolist()} for m in STUDENTS},
-        "cka_initial": {"layer": "layer1", "teacher_layer": "blocks.0", **{m: float(rng.uniform(0.4, 0.9)) for m in STUDENTS}},
+        "cka_initial": {"layer": "layer1", "teacher_layer": "blocks.0",
+                        **{m: float(rng.uniform(0.4, 0.9)) for m in STUDENTS}},
         "fourier": {}, "gradcam": {}, "occlusion": {}, "adversarial": {}, "shape_bias": {},
     }
     for m in MODELS:
         clean = float(rng.uniform(0.8, 0.99))
-        metrics["fourier"][m] = {"radius": radius, "low": _curve(rng, radius, 0.3, clean), "high": _curve(rng, radius, clean, 0.1),
-                                 "clean": clean, "low_frequency_reliance": float(rng.uniform(0.3, 0.9)),
+        metrics["fourier"][m] = {"radius": radius, "low": _curve(rng, radius, 0.3, clean),
+                                 "high": _curve(rng, radius, clean, 0.1), "clean": clean,
+                                 "low_frequency_reliance": float(rng.uniform(0.3, 0.9)),
                                  "high_frequency_reliance": float(rng.uniform(0.1, 0.6))}
         metrics["gradcam"][m] = {"entropy": float(rng.uniform(0.6, 0.95)), "mass50": float(rng.uniform(0.1, 0.4)),
                                  "mass90": float(rng.uniform(0.4, 0.8)), "energy_inside": float(rng.uniform(0.3, 0.9)),
@@ -82,7 +87,14 @@ def test_full_report(tmp_path):
         assert name in table1
     kd_row = next(line for line in table1.splitlines() if "KD student (ViT→CNN" in line)
     assert f"{metrics['accuracy']['student_kd_vit']['occluded'] * 100:.2f}" in kd_row
-    assert "ViT → ResNet" in table1 and "CNN → ResNet" in table1
+    rows = [line.split(" | ")[:3] for line in table1.splitlines() if line.startswith("| ") and "---" not in line]
+    # one row per teacher, then its students
+    assert rows[1:] == [["| ViT → ResNet", "Teacher", "ViT teacher (vit_demo)"],
+                        ["| ", "Student", "KD student (ViT→CNN, PCA+GL)"],
+                        ["| ", "Student", "Logit-KD student (ViT logits)"],
+                        ["| CNN → ResNet", "Teacher", "CNN teacher (wrn_demo)"],
+                        ["| ", "Student", "Control student (CNN→CNN, hint)"],
+                        ["| none (CE only)", "Student", "Independent student (CE only)"]]
     assert "Not measured" not in markdown
     assert all(f"({p.name})" in markdown for k, p in paths.items() if k.startswith("plot_"))
 
@@ -150,8 +162,13 @@ def test_only_accuracy(tmp_path):
     assert "data:image/png;base64," in paths["html"].read_text()
 
 
-def test_empty_metrics(tmp_path):
-    paths = write_report({}, tmp_path / "new")
+def test_empty_sections(tmp_path):
+    """Empty sections, as a run that measured nothing leaves them, count as not measured."""
+    metrics = {"accuracy": {}, "fourier": {}, "cka": {},
+               "cka_initial": {"layer": "layer1", "teacher_layer": "blocks.0"}}
+    paths = write_report(metrics, tmp_path / "new")
+    assert "CKA with the ViT teacher" in _findings(paths["markdown"].read_text())
     assert "Accuracy was not measured." in paths["markdown"].read_text()
-    assert json.loads(paths["metrics"].read_text()) == {}
+    assert json.loads(paths["metrics"].read_text()) == metrics
+    assert paths["markdown"].read_text().count("Not measured.") == 7
     assert "<img" not in paths["html"].read_text()

@@ -1,0 +1,125 @@
+"""The `hakd` command line: cache, train, analyze, run (all three), verify, bench.
+
+Every subcommand takes --config PATH (default: the embedded demo), --out DIR (default runs/demo)
+and trailing key.sub=value overrides. Bad input exits with status 2 and a message naming the
+problem and the fix; nothing already written is touched before the config has been validated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from infra.config import ConfigError, load_config
+from infra.errors import UserError
+
+DEFAULT_OUT = "runs/demo"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded demo, infra/configs/demo.yaml)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a different config to replace results already in --out")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hakd", description=(
+        "Offline-teacher knowledge distillation across architectures: cache teacher features once "
+        "(Ray -> Zarr), train students from them (FFCV), analyse the students (Ray)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("cache", help="fit the teachers and cache their features over K views (Ray -> Zarr)")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="print the storage the cache will take, then stop")
+    _common(sub.add_parser("train", help="pack the caches into FFCV and train the students"))
+    _common(sub.add_parser("analyze", help="evaluate every model and write the report (Ray)"))
+    _common(sub.add_parser("run", help="cache, train and analyze in order"))
+    p = sub.add_parser("verify", help="check a cache store (or every store under --out): completeness, "
+                                      "shapes, NaN/Inf, per-shard checksums")
+    p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON line")
+    p.add_argument("what", choices=("cache", "loader", "train", "analyze", "all"))
+    _common(p)
+    return parser
+
+
+def _summary(rows: list[tuple[str, str, float, str]]) -> str:
+    lines = [f"{'stage':<9} {'status':<8} {'seconds':>8}  output", "-" * 60]
+    lines += [f"{s:<9} {st:<8} {sec:>8.1f}  {o}" for s, st, sec, o in rows]
+    return "\n".join(lines)
+
+
+def _run_stages(args, stages: list[str]) -> int:
+    from infra import pipeline
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    pipeline.prepare_out(cfg, out, args.overwrite)
+    rows, seconds = [], {}
+    outputs = {"cache": out / "cache", "train": out / "train", "analyze": out / "report" / "report.md"}
+    for stage in stages:
+        start = time.time()
+        fn = {"cache": pipeline.stage_cache, "train": pipeline.stage_train, "analyze": pipeline.stage_analyze}[stage]
+        kwargs = {"seconds": seconds} if stage == "analyze" else {}
+        res = fn(cfg, out, overwrite=args.overwrite, **kwargs)
+        seconds[stage] = round(time.time() - start, 1)
+        rows.append((stage, res["status"], seconds[stage], str(outputs[stage])))
+    print("\n" + _summary(rows))
+    if "analyze" in stages:
+        print(f"\nreport: {out / 'report' / 'report.md'} (and report.html); metrics: {out / 'report' / 'metrics.json'}")
+    return 0
+
+
+def _verify(args) -> int:
+    from teacher_cache.store import CacheStore
+    paths = [Path(p) for p in args.stores] or sorted((Path(args.out) / "cache").glob("*.zarr"))
+    if not paths:
+        raise ConfigError(f"no stores given and none under {Path(args.out) / 'cache'}; run `hakd cache` first")
+    bad = 0
+    for p in paths:
+        problems = CacheStore.open(p).verify()
+        if problems:
+            bad += 1
+            print(f"{p}: {len(problems)} problem(s)")
+            for pr in problems[:20]:
+                print(f"  - {pr}")
+            print(f"  fix: re-run `hakd cache` with the same config and --out; it rewrites exactly these shards")
+        else:
+            print(f"{p}: ok")
+    return 1 if bad else 0
+
+
+def _dry_run(args) -> int:
+    from teacher_cache.sizing import size_report
+    cfg = load_config(args.config, args.overrides)
+    print(size_report(cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        if args.command == "verify":
+            return _verify(args)
+        if args.command == "cache" and args.dry_run:
+            return _dry_run(args)
+        if args.command == "bench":
+            from infra.bench.run import main as bench_main
+            return bench_main(args)
+        stages = {"cache": ["cache"], "train": ["train"], "analyze": ["analyze"],
+                  "run": ["cache", "train", "analyze"]}[args.command]
+        return _run_stages(args, stages)
+    except UserError as e:
+        print(f"hakd: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # a dataset or weights file that is not where the config says
+        print(f"hakd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

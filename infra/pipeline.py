@@ -1,0 +1,117 @@
+"""The three stages over one output directory, with reuse, provenance and a closing summary.
+
+OUT/
+  config.yaml, run.json          the resolved config, versions, commit (refuses another config)
+  teachers/<role>.pt|json        fitted teachers           } stage "cache"
+  cache/<teacher>.zarr           teacher feature stores    }
+  train/data.beton|json          packed FFCV file          } stage "train"
+  train/<student>/               checkpoint, model.pt, metrics.jsonl
+  report/                        report.md|html, metrics.json, plots   stage "analyze"
+A stage whose `run.json` says complete for the same stage digest is reused, not recomputed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from infra.config import Config, ConfigError
+from infra.provenance import git_commit, write_run_info
+
+STAGE_SECTIONS = {
+    "cache": ("seed", "data", "teacher_vit", "teacher_cnn", "cache"),
+    "train": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train"),
+    "analyze": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train", "analysis"),
+}
+
+
+def prepare_out(cfg: Config, out: Path, overwrite: bool) -> None:
+    """Create OUT, or check that it holds results of this same config (unless overwrite)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory path")
+    info = out / "run.json"
+    if info.is_file() and not overwrite:
+        old = json.loads(info.read_text()).get("config_digest")
+        if old != cfg.digest():
+            raise ConfigError(f"--out {out} holds results of a different config (digest {old}, now {cfg.digest()}); "
+                              f"use another --out, or add --overwrite to replace the stages that changed")
+    write_run_info(out, cfg)
+
+
+def _stage_done(cfg: Config, out: Path, stage: str) -> bool:
+    info = Path(out) / ("report" if stage == "analyze" else stage) / "run.json"
+    if not info.is_file():
+        return False
+    data = json.loads(info.read_text())
+    return data.get("complete") is True and data.get("stage_digest") == cfg.digest(*STAGE_SECTIONS[stage])
+
+
+def _mark_done(cfg: Config, out: Path, stage: str, **extra) -> None:
+    d = Path(out) / ("report" if stage == "analyze" else stage)
+    write_run_info(d, cfg, stage=stage, complete=True, stage_digest=cfg.digest(*STAGE_SECTIONS[stage]), **extra)
+
+
+def device_for(cfg: Config) -> str:
+    import torch
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but no GPU is visible; use auto or cpu")
+    return cfg.train.device
+
+
+def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
+    if _stage_done(cfg, out, "cache") and not overwrite:
+        return {"status": "reused"}
+    from teacher_cache.job import run_cache
+    summary = run_cache(cfg, out, overwrite=overwrite, log=log)
+    _mark_done(cfg, out, "cache", summary=summary)
+    return {"status": "ran", "detail": summary}
+
+
+def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
+    if _stage_done(cfg, out, "train") and not overwrite:
+        return {"status": "reused"}
+    from student_train.pack import pack
+    from student_train.trainer import train_student
+    from teacher_cache.job import ROLES, store_path
+    stores = {role: store_path(out, cfg, role) for role in ROLES}
+    for role, p in stores.items():
+        if not p.exists():
+            raise ConfigError(f"no cache store at {p} for {role}: run `hakd cache` first with this config")
+    beton, meta = pack(stores, Path(out) / "train", workers=cfg.train.loader_workers, log=log)
+    device = device_for(cfg)
+    results = {}
+    for kind in cfg.train.students:
+        d = Path(out) / "train" / kind
+        done = d / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("digest") == cfg.digest(*STAGE_SECTIONS["train"]):
+            results[kind] = json.loads(done.read_text())["final"]
+            continue
+        final = train_student(cfg, kind, d, beton, meta, device=device, log=log)
+        done.write_text(json.dumps({"digest": cfg.digest(*STAGE_SECTIONS["train"]), "final": final}, indent=2))
+        write_run_info(d, cfg, student=kind)
+        results[kind] = final
+    _mark_done(cfg, out, "train", students={k: {"test_clean_accuracy": v.get("test_clean_accuracy")}
+                                            for k, v in results.items()})
+    return {"status": "ran", "detail": results}
+
+
+def stage_analyze(cfg: Config, out: Path, overwrite: bool = False, log=print, seconds: dict | None = None) -> dict:
+    if _stage_done(cfg, out, "analyze") and not overwrite:
+        return {"status": "reused", "report": str(Path(out) / "report" / "report.md")}
+    from analysis.evaluate import run_analysis
+    from analysis.report import write_report
+    res = run_analysis(cfg, out, log=log)
+    metrics = res["metrics"]
+    metrics["meta"].update({"commit": git_commit(), "config_digest": cfg.digest(),
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if seconds:
+        metrics["meta"]["seconds"].update(seconds)
+    teachers_dir = Path(out) / "teachers"
+    metrics["teacher_fit"] = {r: json.loads((teachers_dir / f"{r}.json").read_text())
+                              for r in ("teacher_vit", "teacher_cnn") if (teachers_dir / f"{r}.json").is_file()}
+    paths = write_report(metrics, Path(out) / "report", res["gradcam_grid"])
+    _mark_done(cfg, out, "analyze")
+    return {"status": "ran", "report": str(paths["markdown"])}
