@@ -22,7 +22,7 @@ _SPLIT_SEED = {"train": 0, "clean": 1, "occluded": 1, "texture": 2}  # occluded 
 def _shape_masks(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean masks (N, size, size): shape `labels[i]` at a random centre, radius and rotation."""
     n = len(labels)
-    radius = rng.uniform(0.26, 0.4, n) * size
+    radius = rng.uniform(0.32, 0.45, n) * size
     cy = rng.uniform(0.5 * radius + 1, size - 0.5 * radius - 1)
     cx = rng.uniform(0.5 * radius + 1, size - 0.5 * radius - 1)
     cy = np.clip(cy, radius * 0.8, size - radius * 0.8)
@@ -73,7 +73,7 @@ def make_shapes(n: int, size: int, seed: int, variant: str = "train", texture_co
         fill_tex = np.where(matched, labels, rng.integers(0, len(TEXTURES), n))
     back_tex = rng.integers(0, len(TEXTURES), n)
     fill = texture_images(fill_tex, size, rng)
-    back = 0.35 * texture_images(back_tex, size, rng) + 0.65 * 128.0
+    back = 0.2 * texture_images(back_tex, size, rng) + 0.8 * 128.0  # dim: the shape stands out
     images = np.where(masks[..., None], fill, back)
     images = np.clip(images + rng.normal(0, 6.0, images.shape), 0, 255).round().astype(np.uint8)
     if variant == "occluded":
