@@ -62,6 +62,7 @@ def fit_teacher(cfg: Config, role: str, out: Path, device="cpu") -> dict:
     tc: TeacherConfig = getattr(cfg, role)
     out = Path(out)
     (out / "teachers").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the fresh weights (demo init, new head) must not depend on earlier RNG use
     teacher = build_teacher(cfg, role)
     mode = head_mode(tc)
     if tc.weights or not teacher.spec.demo:

@@ -77,7 +77,9 @@ def identity(cfg: Config, role: str, teacher, layout: Layout, data_fp: str) -> d
 def ensure_teacher(cfg: Config, role: str, out: Path, device: str, overwrite: bool) -> dict:
     """Fit the teacher unless a fit for the same teacher and data config is already saved."""
     info_path = Path(out) / "teachers" / f"{role}.json"
-    key = cfg.digest(role, "data") + ":" + head_mode(getattr(cfg, role))
+    c = cfg.cache  # the fit also depends on the seed and on the augmentation it trains with
+    key = (cfg.digest(role, "data", "seed") + f":{list(c.crop_scale)}:{list(c.crop_ratio)}:{c.flip_prob}:"
+           + head_mode(getattr(cfg, role)))
     if info_path.is_file() and not overwrite:
         info = json.loads(info_path.read_text())
         if info.get("key") == key and (Path(out) / "teachers" / f"{role}.pt").is_file():
@@ -165,10 +167,14 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
     summary = {}
     for role in ROLES:
         start = time.time()
+        path = store_path(out, cfg, role)
+        if path.exists() and not overwrite:  # refuse a store for another config before (re)fitting its teacher
+            fresh = build_teacher(cfg, role)
+            CacheStore.check_identity(path, identity(cfg, role, fresh, plan(cfg, role, len(train["labels"]), fresh),
+                                                     data_fp), ignore=("weights_sha256",))
         info = ensure_teacher(cfg, role, out, device if torch.cuda.is_available() else "cpu", overwrite)
         teacher = load_fitted(cfg, role, out)
         layout = plan(cfg, role, len(train["labels"]), teacher)
-        path = store_path(out, cfg, role)
         store = CacheStore.create_or_open(path, layout, identity(cfg, role, teacher, layout, data_fp),
                                           provenance(cfg), cfg.cache.clevel, overwrite=overwrite)
         if teacher.spec.kind == "vit" and "live_block" not in store.group:

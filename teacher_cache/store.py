@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,7 @@ class CacheStore:
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            store = cls.open(path)
-            old = store.group.attrs.get("identity", {})
-            if old != _jsonable(identity):
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != _jsonable(identity).get(k))
-                raise StoreError(
-                    f"cache store {path} was written for a different {', '.join(diff)} than this config asks for; "
-                    f"it is left untouched. Use another --out, or re-run with --overwrite to replace it.")
-            return store
+            return cls.check_identity(path, identity)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         compressor = BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle")
         for name, (shape, dtype) in layout.arrays().items():
@@ -106,6 +100,19 @@ class CacheStore:
         group.attrs.update({"format": FORMAT, "identity": _jsonable(identity), "layout": _layout_json(layout),
                             "provenance": _jsonable(provenance)})
         return cls(path, group, layout)
+
+    @classmethod
+    def check_identity(cls, path: str | Path, identity: dict, ignore: tuple[str, ...] = ()) -> "CacheStore":
+        """Open the store at `path` if its identity (less the keys in `ignore`) is `identity`, else refuse."""
+        store = cls.open(path)
+        old = {k: v for k, v in store.group.attrs.get("identity", {}).items() if k not in ignore}
+        new = {k: v for k, v in _jsonable(identity).items() if k not in ignore}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise StoreError(
+                f"cache store {path} was written for a different {', '.join(diff)} than this config asks for; "
+                f"it is left untouched. Use another --out, or re-run with --overwrite to replace it.")
+        return store
 
     @classmethod
     def open(cls, path: str | Path) -> "CacheStore":
@@ -138,19 +145,31 @@ class CacheStore:
     def write_unit(self, u: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array of unit u, make it durable, then (and only then) mark it done."""
         lo, hi = self.layout.unit_range(u)
-        self.group["units/done"][u] = 0
-        crcs = []
+        datas = {}  # read and checked before anything on disk changes
         for name in self.names:
             shape, dtype = self.layout.arrays()[name]
             data = np.asarray(arrays[name]).astype(dtype, copy=False)
             if data.shape != (hi - lo, *shape[1:]):
                 raise StoreError(f"unit {u}: array {name} has shape {data.shape}, expected {(hi - lo, *shape[1:])}")
-            self.group[name][lo:hi] = data
-            crcs.append(crc32(data))
+            datas[name] = data
+        self.group["units/done"][u] = 0
+        self._remove_unit(u)  # zarr reads an existing shard before rewriting it: a damaged one would block repair
+        crcs = []
+        for name in self.names:
+            self.group[name][lo:hi] = datas[name]
+            crcs.append(crc32(datas[name]))
         self._fsync_unit(u)
         self.group["units/crc32"][u] = np.array(crcs, dtype=np.int64)
         self.group["units/done"][u] = 1
         self._fsync_dir(self.path / "units")
+
+    def _remove_unit(self, u: int) -> None:
+        for name in self.names:
+            shard = self.path / name / "c" / str(u)  # the one shard of unit u (shards span all other axes)
+            if shard.is_dir():
+                shutil.rmtree(shard)
+            elif shard.exists():
+                shard.unlink()
 
     def _fsync_unit(self, u: int) -> None:
         for name in self.names:

@@ -181,7 +181,12 @@ def load_backbone_weights(teacher: Teacher, path: Path) -> None:
         state = checkpoint_filter_fn(state, teacher.net)
     prefix = teacher.spec.head_prefix
     state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    missing, unexpected = teacher.net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = teacher.net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes (e.g. another width): torch raises even when not strict
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"teacher {teacher.spec.name}: weights file {path} does not fit the architecture "
+                         f"({detail})") from None
     missing = [k for k in missing if not k.startswith(prefix)]
     if missing or unexpected:
         raise ValueError(f"teacher {teacher.spec.name}: weights file {path} does not fit the architecture "

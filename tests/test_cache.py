@@ -1,0 +1,563 @@
+"""The teacher cache: store format, verification, repair, resume, identity, views, dry run, registry.
+
+The end-to-end tests share one tiny `run_cache` (module fixture `base_run`, 64 images, 2 shards per
+teacher) and work on copies of its output directory, so they can damage stores freely.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from infra.cli import main as cli_main
+from infra.config import load_config
+from teacher_cache.job import ROLES, run_cache, store_path
+from teacher_cache.store import CacheStore, Layout, StoreError, crc32
+from teacher_cache.teachers import (TEACHERS, Teacher, WeightsMissing, find_weights, get_spec,
+                                    load_backbone_weights)
+from teacher_cache.views import apply_views, sample_views, to_float_nchw
+
+from conftest import TINY
+
+# even smaller than TINY: 64 images = 2 shards of 32 per teacher, one actor; the ViT trains one epoch
+# (covers fit determinism), the CNN stays at its seeded init (its fit costs seconds on 2 cores)
+SMALL = [*TINY, "data.train_size=64", "cache.workers=1", "teacher_cnn.fit_epochs=0"]
+
+
+def small_cfg(*extra: str):
+    return load_config(None, [*SMALL, *extra])
+
+
+# ---------------------------------------------------------------- helpers
+
+LAYOUT = Layout(n=40, views=3, image_size=8, num_classes=10, layers={"blocks.2": (5, 6), "layer3": (4, 3, 3)},
+                shard_size=16, chunk_size=8)  # 3 units, the last one partial (8 samples)
+IDENTITY = {"teacher": "t", "views": {"k": 3, "seed": 0}, "dataset": {"name": "shapes", "n": 40},
+            "layers": {"blocks.2": (5, 6)}}
+PROVENANCE = {"commit": "abc", "versions": {"zarr": zarr.__version__}}
+
+
+def random_unit(layout: Layout, u: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    lo, hi = layout.unit_range(u)
+    out = {}
+    for name, (shape, dtype) in layout.arrays().items():
+        shape = (hi - lo, *shape[1:])
+        if dtype == "uint8":
+            out[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif dtype == "int64":
+            out[name] = rng.integers(0, 10, shape).astype(np.int64)
+        else:
+            out[name] = rng.normal(size=shape).astype(np.float32)  # the store casts to its dtype
+    return out
+
+
+def make_store(path: Path, seed: int = 0) -> tuple[CacheStore, dict[str, np.ndarray]]:
+    """A store with every unit written from random arrays; returns it and the expected full arrays."""
+    store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE, clevel=5)
+    rng = np.random.default_rng(seed)
+    parts = {name: [] for name in LAYOUT.arrays()}
+    for u in range(LAYOUT.units):
+        arrays = random_unit(LAYOUT, u, rng)
+        store.write_unit(u, arrays)
+        for name, a in arrays.items():
+            parts[name].append(a.astype(LAYOUT.arrays()[name][1]))
+    return store, {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def shard_files(store_dir: Path, array: str, u: int) -> list[Path]:
+    """The file(s) holding unit u's shard of `array`."""
+    root = Path(store_dir) / array / "c" / str(u)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    assert files, f"no shard file for {array} unit {u} under {root}"
+    return files
+
+
+def corrupt_middle(f: Path, n: int = 16) -> None:
+    data = bytearray(f.read_bytes())
+    assert len(data) > 4 * n, f"{f} too small to corrupt in the middle"
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    f.write_bytes(bytes(data))
+
+
+def snapshot(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a zarr group (recursively), read into memory."""
+    g = zarr.open_group(str(path), mode="r")
+    return {name: obj[...] for name, obj in g.members(max_depth=None) if isinstance(obj, zarr.Array)}
+
+
+def assert_same_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == want[name].tobytes(), f"array {name} differs"
+
+
+def file_states(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under root."""
+    return {str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            for f in sorted(Path(root).rglob("*")) if f.is_file()}
+
+
+# ---------------------------------------------------------------- 1. store round trip
+
+def test_store_round_trip_layout_and_codec(tmp_path):
+    path = tmp_path / "s.zarr"
+    _, want = make_store(path)
+    store = CacheStore.open(path)
+    assert store.layout == LAYOUT
+    assert store.done_units().all() and store.pending_units() == []
+    for name, (shape, dtype) in LAYOUT.arrays().items():
+        got = store.group[name][...]
+        assert got.shape == shape and str(got.dtype) == dtype, name
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    for layer in LAYOUT.layers:
+        assert store.group[f"features/{layer}"].dtype == np.float16
+    assert store.group["logits"].dtype == np.float16
+    # crc32 column j of unit u is the checksum of array j's bytes in that unit
+    crc = store.group["units/crc32"][...]
+    for u in range(LAYOUT.units):
+        lo, hi = LAYOUT.unit_range(u)
+        assert [crc32(want[n][lo:hi]) for n in store.names] == crc[u].tolist()
+
+    attrs = store.attrs
+    assert attrs["format"] == "hakd-cache/1"
+    assert attrs["identity"] == json.loads(json.dumps(IDENTITY))  # tuples stored as lists
+    assert attrs["provenance"] == PROVENANCE
+    assert attrs["layout"] == {"n": 40, "views": 3, "image_size": 8, "num_classes": 10,
+                               "layers": {"blocks.2": [5, 6], "layer3": [4, 3, 3]},
+                               "shard_size": 16, "chunk_size": 8}
+
+    # chunks, shards and codec, from the arrays' own metadata and from zarr.json on disk
+    for name, (shape, _) in LAYOUT.arrays().items():
+        a = store.group[name]
+        assert a.shards == (16, *shape[1:]), name
+        assert a.chunks == (8, *shape[1:]), name
+        meta = json.loads((path / name / "zarr.json").read_text())
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [16, *shape[1:]]
+        (sharding,) = meta["codecs"]
+        assert sharding["name"] == "sharding_indexed"
+        assert sharding["configuration"]["chunk_shape"] == [8, *shape[1:]]
+        blosc = [c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc"]
+        assert len(blosc) == 1, name
+        assert blosc[0]["configuration"]["cname"] == "zstd"
+        assert blosc[0]["configuration"]["shuffle"] == "bitshuffle"
+        assert blosc[0]["configuration"]["clevel"] == 5
+    # one shard file per unit: the unit of writing is the shard
+    assert len(shard_files(path, "features/layer3", 2)) == 1
+    assert not (path / "features" / "layer3" / "c" / "3").exists()
+
+    with pytest.raises(StoreError, match="unit 0: array labels has shape"):
+        bad = random_unit(LAYOUT, 0, np.random.default_rng(1))
+        bad["labels"] = bad["labels"][:-1]
+        store.write_unit(0, bad)
+    assert store.done_units().all() and store.verify() == []  # a refused write changes nothing
+
+
+# ---------------------------------------------------------------- 2. verify
+
+def test_verify_reports_damage_incomplete_and_nan(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    store, _ = make_store(path)
+    assert store.verify() == []
+    assert cli_main(["verify", str(path)]) == 0
+    assert f"{path}: ok" in capsys.readouterr().out
+
+    # damaged bytes in the middle of unit 1's feature shard
+    (f,) = shard_files(path, "features/blocks.2", 1)
+    corrupt_middle(f)
+    problems = store.verify()
+    assert problems and all(p.startswith("unit 1 array features/blocks.2") for p in problems), problems
+    assert store.bad_units() == [1]
+
+    assert cli_main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "unit 1 array features/blocks.2" in out
+    assert "re-run `hakd cache`" in out
+
+    # a unit whose done flag is 0 is incomplete, whatever its bytes
+    store.group["units/done"][2] = 0
+    assert "unit 2 (samples 32:40) is incomplete" in store.verify()
+    assert store.bad_units() == [1, 2]
+
+    # NaN written through zarr (the recorded crc is not updated): both the NaN and the crc are reported
+    store.group["logits"][3, 1, 4] = np.nan
+    problems = store.verify()
+    assert "unit 0 array logits: NaN or Inf values" in problems
+    assert "unit 0 array logits: checksum mismatch (shard damaged)" in problems
+    assert store.bad_units() == [0, 1, 2]
+
+
+def test_write_unit_replaces_truncated_shards(tmp_path):
+    """A killed writer leaves truncated shards; rewriting the unit must not trip over them (also the partial last one)."""
+    path = tmp_path / "s.zarr"
+    store, _ = make_store(path)
+    for u in (1, 2):
+        for name in store.names:
+            for f in shard_files(path, name, u):
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert store.bad_units() == [1, 2]
+    rng = np.random.default_rng(7)
+    for u in (1, 2):
+        arrays = random_unit(LAYOUT, u, rng)
+        store.write_unit(u, arrays)
+        lo, hi = LAYOUT.unit_range(u)
+        np.testing.assert_array_equal(store.group["features/layer3"][lo:hi],
+                                      arrays["features/layer3"].astype(np.float16))
+    assert store.verify() == []
+
+
+# ---------------------------------------------------------------- end-to-end: one tiny cache run
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, ray_session):
+    """An uninterrupted `run_cache` of the small config: (cfg, out, summary, snapshot per role)."""
+    cfg = small_cfg()
+    out = tmp_path_factory.mktemp("cache_base") / "out"
+    summary = run_cache(cfg, out)
+    for role in ROLES:
+        assert summary[role]["units_written"] == summary[role]["units"] == 2
+    snaps = {role: snapshot(store_path(out, cfg, role)) for role in ROLES}
+    return cfg, out, summary, snaps
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    cfg, out, _, snaps = base_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    return cfg, copy, snaps
+
+
+@pytest.fixture(scope="module")
+def damaged_rerun(base_run, tmp_path_factory):
+    """A copy of the base run, damaged, then `run_cache` again (one re-run serves tests 3 and 4):
+    - ViT store: bytes in the middle of unit 1's feature shard overwritten (a damaged disk);
+    - CNN store: the job was killed while writing unit 1: done flag 0, the first arrays' shards
+      half written (truncated), the later ones not written at all.
+    Returns (cfg, out, snaps of the base run, summary, mtimes of the ViT's unit-0 shards before)."""
+    cfg, base_out, _, snaps = base_run
+    out = tmp_path_factory.mktemp("cache_damaged") / "out"
+    shutil.copytree(base_out, out)
+
+    vit = store_path(out, cfg, "teacher_vit")
+    store = CacheStore.open(vit)
+    (layer,) = list(store.layout.layers)
+    (f,) = shard_files(vit, f"features/{layer}", 1)
+    corrupt_middle(f)
+    assert store.bad_units() == [1] and store.pending_units() == []
+    unit0 = {str(p): p.stat().st_mtime_ns for name in store.names for p in shard_files(vit, name, 0)}
+
+    cnn = store_path(out, cfg, "teacher_cnn")
+    store = CacheStore.open(cnn)
+    store.mark_pending([1])
+    for i, name in enumerate(store.names):
+        for f in shard_files(cnn, name, 1):
+            if i < 3:
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+            else:
+                f.unlink()
+    assert store.pending_units() == [1]
+    with pytest.raises(Exception):
+        store.group["images"][32:64]  # really damaged
+
+    summary = run_cache(cfg, out)
+    return cfg, out, snaps, summary, unit0
+
+
+def test_run_cache_store_is_complete(base_run):
+    cfg, out, summary, snaps = base_run
+    from teacher_cache.datasets import load_split
+    train = load_split(cfg.data, "train")
+    for role in ROLES:
+        store = CacheStore.open(store_path(out, cfg, role))
+        assert store.verify() == []
+        assert store.attrs["complete"] is True
+        assert store.layout.n == 64 and store.layout.views == 3 and store.layout.units == 2
+        # images and views in the store are the training split and the sampled views
+        np.testing.assert_array_equal(snaps[role]["images"], train["images"])
+        np.testing.assert_array_equal(snaps[role]["labels"], train["labels"])
+        np.testing.assert_array_equal(snaps[role]["views"], sample_views(64, 3, cfg.data.seed, cfg.cache.crop_scale,
+                                                                          cfg.cache.crop_ratio, cfg.cache.flip_prob))
+        assert np.isfinite(snaps[role]["logits"].astype(np.float32)).all()
+    assert any(k.startswith("live_block/") for k in snaps["teacher_vit"])
+    assert not any(k.startswith("live_block/") for k in snaps["teacher_cnn"])
+
+
+# ---------------------------------------------------------------- 3. repair
+
+def test_repair_rewrites_only_the_damaged_unit(damaged_rerun):
+    cfg, out, snaps, summary, unit0 = damaged_rerun
+    assert summary["teacher_vit"]["units_written"] == 1
+    vit = store_path(out, cfg, "teacher_vit")
+    assert CacheStore.open(vit).verify() == []
+    assert_same_arrays(snapshot(vit), snaps["teacher_vit"])
+    assert {p: Path(p).stat().st_mtime_ns for p in unit0} == unit0  # unit 0 was not rewritten
+
+
+# ---------------------------------------------------------------- 4. kill and resume
+
+def test_killed_job_resumes_to_the_uninterrupted_store(damaged_rerun, base_run):
+    cfg, out, snaps, summary, _ = damaged_rerun
+    assert summary["teacher_cnn"]["units_written"] == 1
+    cnn = store_path(out, cfg, "teacher_cnn")
+    assert CacheStore.open(cnn).verify() == []
+    assert_same_arrays(snapshot(cnn), snaps["teacher_cnn"])  # == the uninterrupted run in another out dir
+    base_attrs = CacheStore.open(store_path(base_run[1], cfg, "teacher_cnn")).attrs
+    assert CacheStore.open(cnn).attrs["identity"] == base_attrs["identity"]
+
+
+def test_teacher_fit_is_deterministic(base_run, tmp_path):
+    """A job killed before a teacher was saved refits it on resume: the fit must give the same weights
+    (and so the same store identity), whatever the process did with the global RNG before."""
+    from teacher_cache.fit import fit_teacher
+    cfg, base_out, _, _ = base_run
+    torch.randn(17)  # disturb the global RNG
+    for role in ROLES:
+        fit_teacher(cfg, role, tmp_path)
+        got = torch.load(tmp_path / "teachers" / f"{role}.pt", weights_only=True)
+        want = torch.load(base_out / "teachers" / f"{role}.pt", weights_only=True)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), role
+
+
+def test_teacher_fit_is_reused_only_for_the_same_fit(base_run, tmp_path):
+    from teacher_cache.job import ensure_teacher
+    cfg, base_out, _, _ = base_run
+    shutil.copytree(base_out / "teachers", tmp_path / "teachers")
+    pt = tmp_path / "teachers" / "teacher_vit.pt"
+    before = file_states(tmp_path / "teachers")
+    ensure_teacher(small_cfg("cache.views=2", "cache.shard_size=16"), "teacher_vit", tmp_path, "cpu", False)
+    assert file_states(tmp_path / "teachers") == before  # the fit does not depend on K or the shards
+    ensure_teacher(small_cfg("seed=1"), "teacher_vit", tmp_path, "cpu", False)  # the fit's own seed
+    refit = hashlib.sha256(pt.read_bytes()).hexdigest()
+    assert refit != hashlib.sha256((base_out / "teachers" / "teacher_vit.pt").read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- 5. identity
+
+def test_store_for_another_config_is_refused_untouched(run_copy):
+    cfg, out, _ = run_copy
+    before = file_states(out / "cache")
+    teachers = file_states(out / "teachers")
+
+    with pytest.raises(StoreError, match=r"different views than this config asks for.*--overwrite"):
+        run_cache(small_cfg("cache.views=2"), out)
+    with pytest.raises(StoreError) as e:
+        run_cache(small_cfg("data.seed=1"), out)
+    msg = str(e.value)
+    assert "dataset" in msg and "views" in msg and str(store_path(out, cfg, "teacher_vit")) in msg
+
+    assert file_states(out / "cache") == before
+    assert file_states(out / "teachers") == teachers  # the store's teacher is not refitted either
+
+    # --overwrite (overwrite=True) replaces the store: new identity, new shape, nothing old left
+    path = store_path(out, cfg, "teacher_vit")
+    old = CacheStore.open(path)
+    new_layout = Layout(old.layout.n, 2, old.layout.image_size, old.layout.num_classes, old.layout.layers,
+                        old.layout.shard_size, old.layout.chunk_size)
+    new_identity = {**old.attrs["identity"], "views": {"k": 2}}
+    with pytest.raises(StoreError, match="views"):
+        CacheStore.create_or_open(path, new_layout, new_identity, {})
+    store = CacheStore.create_or_open(path, new_layout, new_identity, {}, overwrite=True)
+    assert store.attrs["identity"]["views"] == {"k": 2}
+    assert store.group["logits"].shape == (64, 2, 10)
+    assert store.pending_units() == [0, 1]
+    assert "live_block" not in store.group
+    assert not any(f.is_file() for f in (path / "logits").rglob("*") if f.name != "zarr.json")
+    assert CacheStore.create_or_open(path, new_layout, new_identity, {}).attrs["identity"] == store.attrs["identity"]
+
+
+# ---------------------------------------------------------------- 6. views
+
+def test_sample_views_properties():
+    a = sample_views(3000, 4, seed=3)
+    assert a.shape == (3000, 4, 5) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, sample_views(3000, 4, seed=3))
+    assert not np.array_equal(a, sample_views(3000, 4, seed=4))
+    np.testing.assert_array_equal(a[:, 0], np.broadcast_to([0, 0, 1, 1, 0], (3000, 5)))
+    y0, x0, h, w, flip = np.moveaxis(a[:, 1:], -1, 0)
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (h > 0).all() and (w > 0).all()
+    assert (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
+    area = h * w
+    assert ((area >= 0.35 - 1e-5) & (area <= 1 + 1e-5)).all()
+    ratio = w / h
+    fallback = (h == 1) & (w == 1)
+    assert ((ratio[~fallback] >= 0.75 - 1e-4) & (ratio[~fallback] <= 4 / 3 + 1e-4)).all()
+    assert area.std() > 0.1 and y0.std() > 0.05  # really random crops
+    assert set(np.unique(flip)) == {0.0, 1.0}
+    assert abs(flip.mean() - 0.5) < 0.03  # 9000 draws: sd 0.005
+    assert abs(sample_views(3000, 4, 3, flip_prob=0.2)[:, 1:, 4].mean() - 0.2) < 0.03
+    assert sample_views(50, 4, 3, flip_prob=0.0)[..., 4].max() == 0
+    np.testing.assert_array_equal(sample_views(7, 1, 0), np.broadcast_to([0, 0, 1, 1, 0], (7, 1, 5)))
+
+
+def test_apply_views_matches_slicing_and_flip():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=g)
+    x = to_float_nchw(images)
+    plain = apply_views(images, torch.tensor([[0, 0, 1, 1, 0.0]] * 2), 32)
+    torch.testing.assert_close(plain, x, atol=1e-5, rtol=0)
+    # box rows 8:24, cols 4:20 (integer pixels), resized 16 -> 16: a plain slice, mirrored when flip = 1
+    views = torch.tensor([[8 / 32, 4 / 32, 16 / 32, 16 / 32, 0.0], [8 / 32, 4 / 32, 16 / 32, 16 / 32, 1.0]])
+    out = apply_views(images, views, 16)
+    torch.testing.assert_close(out[0], x[0, :, 8:24, 4:20], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], x[1, :, 8:24, 4:20].flip(-1), atol=1e-5, rtol=0)
+    assert not torch.allclose(out[1], x[1, :, 8:24, 4:20], atol=1e-3)
+    # a non-square box at half resolution: every output pixel is the mean of a 2x2 input block
+    view = torch.tensor([[0.25, 0.0, 0.5, 0.75, 0.0]])
+    out = apply_views(images[:1], view, 8)
+    crop = x[:1, :, 8:24, 0:24]
+    expect = torch.nn.functional.interpolate(crop, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
+
+
+def test_cached_logits_are_recomputable(base_run):
+    from teacher_cache.fit import load_fitted
+    cfg, out, _, snaps = base_run
+    for role in ROLES:
+        s = snaps[role]
+        teacher = load_fitted(cfg, role, out)
+        (layer,) = [k[len("features/"):] for k in s if k.startswith("features/")]
+        for i in (0, 33, 63):
+            images = torch.from_numpy(s["images"][[i] * 3])
+            views = torch.from_numpy(s["views"][i])
+            with torch.no_grad():
+                got = teacher.extract(apply_views(images, views, teacher.input_size), [layer])
+            for k in range(3):
+                np.testing.assert_allclose(got["logits"][k].half().float().numpy(), s["logits"][i, k].astype(np.float32),
+                                           atol=2e-3, rtol=2e-3, err_msg=f"{role} row {i} view {k}")
+                np.testing.assert_allclose(got[layer][k].half().float().numpy(),
+                                           s[f"features/{layer}"][i, k].astype(np.float32), atol=2e-3, rtol=2e-3)
+            # and the views matter: view 1's input does not give view 2's cached features
+            assert np.abs(got[layer][1].numpy() - s[f"features/{layer}"][i, 2].astype(np.float32)).max() > 0.1
+
+
+# ---------------------------------------------------------------- 7. dry run
+
+def test_cache_dry_run_prints_sizes(tmp_path, capsys):
+    from teacher_cache.fit import build_teacher
+    out = tmp_path / "out"
+    assert cli_main(["cache", "--dry-run", "--out", str(out), *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()  # a dry run writes nothing
+    cfg = small_cfg()
+    k = cfg.cache.views
+    assert f"N = 64 images x K = {k} views" in text
+    row = re.compile(r"^\s+(\S+)\s+(\(.*?\))\s+([\d,]+)\s+([\d.,]+ [KMGT]?B)\s+([\d.,]+ [KMGT]?B)$", re.M)
+    rows = row.findall(text)
+    feats = [r for r in rows if r[0].startswith("features/")]
+    assert len(feats) == 2, text
+    for role, (name, shape, per_sample, raw, est) in zip(ROLES, feats):
+        teacher = build_teacher(cfg, role).eval()
+        (layer,) = teacher.default_layers()
+        assert name == f"features/{layer}"
+        with torch.no_grad():
+            real = tuple(teacher.extract(torch.zeros(1, 3, teacher.input_size, teacher.input_size), [layer])[layer].shape[1:])
+        assert shape == str((k, *real))
+        assert int(per_sample.replace(",", "")) == k * int(np.prod(real)) * 2
+    images = [r for r in rows if r[0] == "images"]
+    assert images and all(int(r[2].replace(",", "")) == 32 * 32 * 3 for r in images)
+    logits = [r for r in rows if r[0] == "logits"]
+    assert logits and all(int(r[2].replace(",", "")) == k * 10 * 2 for r in logits)
+    assert len(re.findall(r"^\s+total\s+\S+ \S*B\s+\S+ \S*B$", text, re.M)) == 2
+    assert re.search(r"all stores: [\d.,]+ [KMGT]?B uncompressed, about [\d.,]+ [KMGT]?B stored", text)
+
+
+# ---------------------------------------------------------------- 8. teacher registry
+
+REAL = {name for name, spec in TEACHERS.items() if not spec.demo}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.timeout(60)] if n in REAL else [])
+                                  for n in TEACHERS])
+def test_registry_builds_and_extracts(name):
+    torch.manual_seed(0)
+    spec = get_spec(name)
+    teacher = Teacher(spec, 10, 32).eval()
+    assert teacher.input_size == (spec.input_size or 32)
+    b = 1 if name in REAL else 2
+    layers = teacher.default_layers()
+    assert len(layers) == 1
+    with torch.no_grad():
+        out = teacher.extract(torch.rand(b, 3, teacher.input_size, teacher.input_size), layers)
+    assert set(out) == {"logits", *layers}
+    assert out["logits"].shape == (b, 10)
+    feat = out[layers[0]]
+    if spec.kind == "vit":
+        net = teacher.net
+        assert layers == [f"blocks.{len(net.blocks) - 2}"]
+        assert feat.shape == (b, net.patch_embed.num_patches + 1, net.embed_dim)
+    else:
+        assert spec.kind == "cnn" and feat.dim() == 4 and feat.shape[0] == b
+        assert feat.shape[2] == feat.shape[3] and feat.shape[2] < teacher.input_size
+    assert torch.isfinite(feat).all()
+    assert teacher.head().out_features == 10
+    with pytest.raises(KeyError, match="no layer 'nope'"):
+        teacher.extract(torch.rand(1, 3, teacher.input_size, teacher.input_size), ["nope"])
+
+
+def test_find_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    for name in sorted(REAL):
+        spec = get_spec(name)
+        with pytest.raises(WeightsMissing) as e:
+            find_weights(spec, None)
+        msg = str(e.value)
+        assert name in msg and spec.weights_hint in msg and "teacher_*.weights" in msg
+        assert str(tmp_path / "torch") in msg
+        with pytest.raises(WeightsMissing, match="does not exist"):
+            find_weights(spec, str(tmp_path / "nowhere.pth"))
+    spec = get_spec("wrn101")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / spec.hub_files[0]).write_bytes(b"")
+    assert find_weights(spec, None) == hub / spec.hub_files[0]
+    given = tmp_path / "mine.pth"
+    given.write_bytes(b"")
+    assert find_weights(spec, str(given)) == given
+
+
+@pytest.mark.parametrize("name,suffix", [("vit_demo", ".pt"), ("vit_demo", ".safetensors"), ("wrn_demo", ".pt")])
+def test_load_backbone_weights(tmp_path, name, suffix):
+    torch.manual_seed(1)
+    source = Teacher(get_spec(name), 10, 32)
+    state = {k: v.contiguous() for k, v in source.net.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state} if name == "wrn_demo" else state, path)
+    torch.manual_seed(2)
+    target = Teacher(get_spec(name), 10, 32)
+    fresh = {k: v.clone() for k, v in target.net.state_dict().items()}
+    load_backbone_weights(target, path)
+    prefix = get_spec(name).head_prefix
+    loaded = target.net.state_dict()
+    for k, v in loaded.items():
+        if k.startswith(prefix):
+            assert torch.equal(v, fresh[k]), f"head {k} must stay fresh"
+        else:
+            assert torch.equal(v, state[k]), k
+    assert any(not torch.equal(loaded[k], fresh[k]) for k in loaded if not k.startswith(prefix))
+
+
+def test_load_backbone_weights_mismatch(tmp_path):
+    from teacher_cache.small_nets import SmallResNet
+    cnn = tmp_path / "cnn.pt"
+    torch.save(Teacher(get_spec("wrn_demo"), 10, 32).net.state_dict(), cnn)
+    with pytest.raises(ValueError, match=r"teacher vit_demo: weights file .*cnn\.pt does not fit the architecture"):
+        load_backbone_weights(Teacher(get_spec("vit_demo"), 10, 32), cnn)
+    narrow = tmp_path / "narrow.pt"  # same names, other widths
+    torch.save(SmallResNet(10, widths=(16, 32, 64, 128)).state_dict(), narrow)
+    with pytest.raises(ValueError, match=r"teacher wrn_demo: weights file .*narrow\.pt does not fit.*size mismatch"):
+        load_backbone_weights(Teacher(get_spec("wrn_demo"), 10, 32), narrow)
