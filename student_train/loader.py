@@ -80,8 +80,13 @@ class StudentLoader:
             pipelines[f] = [NDArrayDecoder(), ToTensor()] if f in fields else None
         self.names = ["image", "label", "index", "view"]  # FFCV returns fields in file order
         self.names += [f for f in meta["fields"] if f in fields]
-        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                             pipelines=pipelines, drop_last=drop_last, seed=seed, distributed=distributed)
+        try:
+            self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
+                                 order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=drop_last, seed=seed,
+                                 distributed=distributed)
+        except (ValueError, AssertionError, OSError, IndexError) as e:  # a damaged file: FFCV's errors are cryptic
+            raise LoaderError(f"cannot read the packed file {beton} ({type(e).__name__}: {e}); delete it and "
+                              f"its data.json so that `hakd train` packs it again") from e
         if shuffle:
             # FFCV 1.0.2 cannot take a custom order class in its constructor; install ours after
             order = _make_order_class()(self.loader, meta["images"], meta["views"])

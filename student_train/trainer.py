@@ -164,8 +164,10 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     if steps_per_epoch == 0:
         raise CacheMismatch(f"train.batch_size {t.batch_size} exceeds the {meta['images']} cached images")
     opt = torch.optim.SGD(step_module.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps_per_epoch,
-                                                pct_start=0.25)
+    total_steps = t.epochs * steps_per_epoch
+    # OneCycleLR divides 0 by 0 when the warm-up is exactly one step (pct_start * total_steps == 1)
+    pct_start = 0.25 if total_steps * 0.25 != 1 else 0.5
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total_steps, pct_start=pct_start)
     ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     start_epoch = 0
     if ckpt_path.is_file():
