@@ -48,7 +48,12 @@ def load_model(cfg: Config, out: Path, name: str) -> torch.nn.Module:
         raise ModelMismatch(f"{path} is missing: run `{stage}` for this config first")
     model = build_model(cfg, name)
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or unsafe file: never unpickle more than tensors
+        raise ModelMismatch(f"{path} cannot be read as a weights file ({type(e).__name__}); "
+                            f"re-run the stage that wrote it") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelMismatch(f"{path} does not fit the configured architecture of {name} ({str(e)[:200]}...); "
                             f"re-run the stage that wrote it with this config") from None

@@ -8,6 +8,7 @@ hands out torch tensors with features reinterpreted as float16.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,20 @@ def _record_thread_error(args):
 
 
 threading.excepthook = _record_thread_error
+_previous_unraisable = sys.unraisablehook
+
+
+def _quiet_numba_finalizer(args):
+    # numba's dispatcher finalizer raises a harmless KeyError at exit for FFCV's compiled stages
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if isinstance(args.exc_value, KeyError) and tb is not None and "numba" in tb.tb_frame.f_code.co_filename:
+        return
+    _previous_unraisable(args)
+
+
+sys.unraisablehook = _quiet_numba_finalizer
 
 
 class LoaderError(RuntimeError):

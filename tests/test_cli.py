@@ -93,8 +93,10 @@ def test_damaged_model_file_is_refused_before_analysis(tiny_run, tmp_path, capsy
     shutil.copytree(tiny_run, out)
     (out / "report" / "run.json").unlink()  # analysis must run again
     (out / "train" / "student_independent" / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
-        main(["analyze", "--out", str(out), *TINY])
+    assert main(["analyze", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "student_independent/model.pt" in err and "cannot be read" in err
+    assert not (out / "report" / "run.json").exists()
 
 
 def test_every_subcommand_has_help(capsys):
