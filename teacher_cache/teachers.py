@@ -74,7 +74,7 @@ def _last_block_input(net: nn.Module) -> list[str]:
 TEACHERS: dict[str, TeacherSpec] = {s.name: s for s in [
     TeacherSpec("vit_demo", "vit", _vit_demo, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True,
                 _last_block_input, "head."),
-    TeacherSpec("wrn_demo", "cnn", lambda c, s: SmallResNet(c, widths=(32, 64, 128, 256)), None,
+    TeacherSpec("wrn_demo", "cnn", lambda c, s: SmallResNet(c, widths=(24, 48, 96, 192)), None,
                 (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, lambda net: ["layer3"], "fc."),
     TeacherSpec("vit_b16_clip", "vit", _vit_b16_clip, 224, CLIP_MEAN, CLIP_STD, False, _last_block_input, "head.",
                 "timm vit_base_patch16_clip_224.openai: open_clip_pytorch_model.bin / model.safetensors from "
