@@ -153,6 +153,8 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     on_gpu = device.startswith("cuda")
     if on_gpu and t.channels_last:
         step_module = step_module.to(memory_format=torch.channels_last)
+    if world > 1 and on_gpu:  # per-GPU batches are small: normalise over the global batch (CUDA only in torch)
+        step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
     model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
     if t.compile:
         model = torch.compile(model)
