@@ -1,0 +1,335 @@
+"""What the benchmarks share: machine profiles, the clock, the JSON line, and the cache they read.
+
+The benchmarks never touch a user's runs: `Context` builds its own small cache in a temporary
+directory from generated images and randomly initialised teachers (saved where `load_fitted`
+looks for fitted ones, so the real `CacheWorker` loads them), and packs it with the real `pack`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from infra.errors import UserError
+
+ROLES = ("teacher_vit", "teacher_cnn")
+
+
+# ---------------------------------------------------------------------------------- profiles
+
+@dataclass
+class Profile:
+    name: str
+    device: str = "cpu"            # cpu | cuda
+    vit: str = "vit_demo"          # teacher_vit (ViT: its last-block input is cached, the block runs live)
+    cnn: str = "wrn_demo"          # teacher_cnn
+    student: str = "resnet_demo"   # student architecture
+    image_size: int = 32           # stored image side; every model resizes to its own input size
+    n_images: int = 512            # images in the bench cache
+    views: int = 4                 # K views per image
+    shard_size: int = 128          # samples per shard = one cache work unit
+    chunk_size: int = 32           # samples per chunk inside a shard
+    cache_batch: int = 128         # teacher forward batch
+    train_batch: int = 64          # student batch (all four step kinds, and both loaders)
+    loader_workers: int = 2        # FFCV threads = torch DataLoader processes
+    amp: bool = False              # bf16 autocast (GPU)
+    channels_last: bool = False    # GPU
+    warmup: int = 1                # cache: warm-up units
+    repeats: int = 3               # timed repeats behind every median
+    train_warmup: int = 3          # train: untimed steps before the timed ones
+    train_steps: int = 5           # train: steps per timed repeat
+    loader_warmup: int = 2         # loaders: untimed batches (FFCV JIT, worker start)
+    loader_batches: int = 6        # FFCV: batches per timed repeat
+    zarr_batches: int = 2          # torch/Zarr: batches per timed repeat (it is much slower)
+    analyze_tasks: int = 12        # analysis tasks per timed wall (demo models, always on CPU)
+    analyze_test_size: int = 300   # test images the analysis tasks read
+    analyze_repeats: int = 2
+    threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
+
+
+PROFILES = {
+    # 2 CPU cores: the demo models at 32 px, about 3 minutes for `hakd bench all`. One torch thread: the
+    # other core serves the pipeline (the cache's writer thread, the FFCV loader threads), as in
+    # `hakd cache` where each of 2 actors gets one; and on a shared, oversubscribed machine OpenMP
+    # barriers make 2 threads erratically slow.
+    "cpu": Profile("cpu", n_images=256, views=2, shard_size=64, chunk_size=16, train_batch=32, train_warmup=5,
+                   train_steps=4, analyze_test_size=200, threads=1),
+    # one H100/H200: the paper's models at 224 px in bf16, random weights
+    "gpu": Profile("gpu", device="cuda", vit="vit_b16_clip", cnn="wrn101", student="resnet50", image_size=224,
+                   n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
+                   loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
+                   train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12),
+    # tests and `--tiny`: every code path in seconds
+    "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
+                    loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
+                    loader_batches=2, zarr_batches=1, analyze_tasks=4, analyze_test_size=40, analyze_repeats=1,
+                    threads=1),
+}
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[str] = ()) -> Profile:
+    """The profile for this machine (or the named one), with `key=value` overrides of its fields."""
+    import torch
+    import yaml
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible to torch; use --device cpu")
+    if name == "auto":
+        name = "gpu" if device == "cuda" else "cpu"
+    if name not in PROFILES:
+        raise UserError(f"unknown bench profile {name!r}; choose one of {', '.join(PROFILES)}")
+    p = dataclasses.replace(PROFILES[name], device=device)
+    if device == "cpu":
+        p = dataclasses.replace(p, amp=False, channels_last=False)
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    for o in overrides:
+        key, sep, raw = o.partition("=")
+        if not sep or key not in fields or key in ("name", "device"):
+            raise UserError(f"bench override {o!r}: expected key=value with key one of "
+                            f"{', '.join(k for k in fields if k not in ('name', 'device'))} "
+                            f", or profile=cpu|gpu|tiny, device=cpu|cuda")
+        value, want = yaml.safe_load(raw), type(getattr(p, key))
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok or (want is int and value < (0 if key == "threads" else 1)):
+            raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
+        p = dataclasses.replace(p, **{key: value})
+    if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
+        raise UserError(f"bench profile {p.name}: need chunk_size | shard_size, n_images >= 2 * train_batch, "
+                        f"views >= 2 (got {p.chunk_size}, {p.shard_size}, {p.n_images}, {p.train_batch}, {p.views})")
+    return p
+
+
+# ---------------------------------------------------------------------------------- clock
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds `fn` takes, with the device synchronised before both readings of the clock."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: str) -> str:
+    if str(device).startswith("cuda"):
+        import torch
+        return slug(torch.cuda.get_device_name(0))
+    return f"cpu-{cores()}core"
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(0)
+    import platform
+    return f"{platform.processor() or platform.machine()}, {cores()} cores"
+
+
+def header(bench: str, p: Profile) -> dict:
+    from infra.provenance import git_commit, now, versions
+    return {"bench": bench, "device": device_slug(p.device), "device_name": device_name(p.device),
+            "profile": p.name, "created": now(), "commit": git_commit(), "versions": versions(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews every figure
+
+
+def check(value: float | None, target: str) -> bool | None:
+    """Whether `value` meets a target written as '>= 0.9' or '<= 1.15'; None when it cannot be judged."""
+    if value is None or not target:
+        return None
+    m = re.match(r"\s*(>=|<=)\s*([0-9.]+)", target)
+    if not m:
+        return None
+    return value >= float(m.group(2)) if m.group(1) == ">=" else value <= float(m.group(2))
+
+
+def judge(line: dict, targets: dict[str, str]) -> dict:
+    """Attach `targets` (dotted figure name -> '>= x') and `met` to a result line."""
+    def get(name):
+        node = line
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+    line["targets"] = dict(targets)
+    line["met"] = {k: check(get(k), t) for k, t in targets.items()}
+    return line
+
+
+def emit(line: dict, stream=None) -> None:
+    stream = stream or sys.stdout
+    stream.write(json.dumps(line) + "\n")
+    stream.flush()
+
+
+def log(*args) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- the bench cache
+
+def missing_modules(names) -> list[str]:
+    """The modules of `names` that do not import here (a compiled one can be present yet fail to load)."""
+    import importlib
+    missing = []
+    for n in names:
+        try:
+            importlib.import_module(n)
+        except Exception:
+            missing.append(n)
+    return missing
+
+
+class Context:
+    """A small cache (both teachers), its packed FFCV file, and figures shared between benchmarks."""
+
+    def __init__(self, profile: Profile, workdir: Path):
+        import torch
+        from infra.config import config_from_dict
+        self.p, self.dir = profile, Path(workdir)
+        self.out = self.dir / "out"          # OUT/teachers/<role>.pt: where load_fitted looks
+        self.memo: dict = {}                 # figures one bench hands to another
+        p = profile
+        self.cfg = config_from_dict({
+            "seed": 0,
+            "data": {"name": "shapes", "image_size": p.image_size, "train_size": p.n_images, "test_size": 50},
+            "teacher_vit": {"name": p.vit}, "teacher_cnn": {"name": p.cnn},
+            "cache": {"views": p.views, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
+                      "batch_size": p.cache_batch},
+            "train": {"arch": p.student, "batch_size": p.train_batch, "loader_workers": p.loader_workers,
+                      "device": p.device, "amp": p.amp, "channels_last": p.channels_last},
+        })
+        self._data = None
+        self._teachers, self._stores, self._workers = {}, {}, {}
+        self._packed = None
+        self.threads = profile.threads or cores()
+        torch.set_num_threads(self.threads)
+
+    # -- data: generated shapes; above 64 px, 32 px shapes upsampled (generating at 224 px is slow)
+    def data(self) -> dict:
+        if self._data is None:
+            import torch
+            import torch.nn.functional as F
+            from teacher_cache.datasets import fingerprint, load_split
+            from teacher_cache.shapes import make_shapes
+            from teacher_cache.views import sample_views
+            c, d = self.cfg.cache, self.cfg.data
+            if d.image_size <= 64:
+                split = load_split(d, "train")
+                images, labels = split["images"], split["labels"]
+            else:
+                split = make_shapes(d.train_size, 32, d.seed)
+                x = torch.from_numpy(split["images"]).permute(0, 3, 1, 2).float()
+                x = F.interpolate(x, size=(d.image_size, d.image_size), mode="bilinear", align_corners=False)
+                images = x.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+                labels = split["labels"]
+            views = sample_views(len(labels), c.views, d.seed, c.crop_scale, c.crop_ratio, c.flip_prob)
+            self._data = {"images": images, "labels": labels, "views": views,
+                          "fingerprint": fingerprint({"images": images, "labels": labels})}
+        return self._data
+
+    def teacher(self, role: str):
+        """The randomly initialised teacher of `role` (CPU, eval), saved as OUT/teachers/<role>.pt."""
+        if role not in self._teachers:
+            import torch
+            from teacher_cache.fit import build_teacher
+            torch.manual_seed(1 + ROLES.index(role))
+            t = build_teacher(self.cfg, role).eval()
+            (self.out / "teachers").mkdir(parents=True, exist_ok=True)
+            torch.save(t.state_dict(), self.out / "teachers" / f"{role}.pt")
+            self._teachers[role] = t
+        return self._teachers[role]
+
+    def store(self, role: str):
+        """The (possibly still empty) cache store of `role`, created as `hakd cache` creates it."""
+        if role not in self._stores:
+            from infra.provenance import provenance
+            from teacher_cache.job import identity, plan
+            from teacher_cache.store import CacheStore
+            t, d = self.teacher(role), self.data()
+            layout = plan(self.cfg, role, len(d["labels"]), t)
+            path = self.dir / "cache" / f"{t.spec.name}.zarr"
+            store = CacheStore.create_or_open(path, layout, identity(self.cfg, role, t, layout, d["fingerprint"]),
+                                              provenance(self.cfg), self.cfg.cache.clevel, overwrite=True)
+            if t.spec.kind == "vit":
+                store.write_params("live_block", {k: v.numpy() for k, v in t.net.blocks[-1].state_dict().items()})
+            self._stores[role] = store
+        return self._stores[role]
+
+    def worker(self, role: str):
+        """The real CacheWorker (in this process: no Ray), on the profile's device."""
+        if role not in self._workers:
+            from teacher_cache.job import CacheWorker
+            store, d = self.store(role), self.data()
+            self._workers[role] = CacheWorker(self.cfg.to_dict(), role, str(self.out), str(store.path),
+                                              d["images"], d["labels"], d["views"], self.p.device, self.threads)
+        return self._workers[role]
+
+    def filled_store(self, role: str):
+        """The store of `role` with every unit written (what the loader and train benches read)."""
+        store = self.store(role)
+        todo = store.pending_units()
+        if todo:
+            log(f"writing the {role} cache ({len(todo)} units)")
+            w = self.worker(role)
+            for u in todo:
+                w.process(u)
+            w.drain()
+        return store
+
+    def release(self, role: str) -> None:
+        """Drop the teacher and worker of `role` (GPU memory) once their store is written."""
+        self._workers.pop(role, None)
+        self._teachers.pop(role, None)
+        import gc
+        gc.collect()
+        if self.p.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+
+    def packed(self) -> tuple[Path, dict, str]:
+        """The FFCV file packed from the ViT store, its meta, and the field holding the cached tokens."""
+        if self._packed is None:
+            from student_train.pack import pack
+            store = self.filled_store("teacher_vit")
+            layer = next(iter(store.layout.layers))
+            beton, meta = pack({"teacher_vit": store.path}, self.dir / "train", workers=self.p.loader_workers,
+                               log=log)
+            field = next(f for f, info in meta["fields"].items() if info["array"] == f"features/{layer}")
+            self._packed = (beton, meta, field)
+        return self._packed

@@ -1,0 +1,148 @@
+"""Run the benchmarks: `hakd bench {cache,loader,train,analyze,all}` or `python -m infra.bench.run`.
+
+Each benchmark prints one JSON line on stdout (progress goes to stderr). `all` runs the four and
+writes `<results>/<device>-<date>.json` (default results dir: infra/bench/results/, or the system
+temp dir for the tiny profile; `hakd bench all --out DIR` writes there instead). `gpu` is the set
+infra/bench/gpu.sh runs: cache, train, loader.
+
+Trailing `key=value` arguments override fields of the machine's profile (infra/bench/common.py),
+e.g. `hakd bench train repeats=5 train_batch=32`; `profile=cpu|gpu|tiny` and `device=cpu|cuda` pick
+the profile and the device (default: the GPU profile when torch sees a GPU, else the CPU one). `python -m infra.bench.run` also takes
+--device cpu|cuda, --profile cpu|gpu|tiny, --tiny (= --profile tiny) and --copy-to DIR ($OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from infra.bench.common import Context, Profile, device_slug, emit, header, log, missing_modules, resolve_profile
+from infra.errors import UserError
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NEEDS = {"cache": ["torch", "timm", "zarr", "numcodecs"], "train": ["torch", "timm", "zarr", "numcodecs"],
+         "loader": ["torch", "timm", "zarr", "numcodecs", "ffcv"], "analyze": ["torch", "timm", "ray"]}
+SETS = {"all": ["cache", "train", "loader", "analyze"], "gpu": ["cache", "train", "loader"]}
+ORDER = ["cache", "train", "loader", "analyze"]  # train before loader: it measures the student's rate
+
+
+def run_one(name: str, ctx: Context) -> dict:
+    if name == "analyze":
+        from infra.bench import analyze
+        return analyze.run(ctx.p, ctx.dir)
+    module = __import__(f"infra.bench.{name}", fromlist=["run"])
+    return module.run(ctx)
+
+
+def run_set(names: list[str], p: Profile, results_dir: Path | None, copy_to: Path | None = None,
+            keep: Path | None = None) -> list[dict]:
+    """Run the named benchmarks in one context; print a line each; write the results file if asked."""
+    lines = []
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="hakd-bench-", dir=keep) as tmp:
+        ctx = Context(p, Path(tmp))
+        for name in [n for n in ORDER if n in names]:
+            missing = missing_modules(NEEDS[name])
+            if missing:
+                line = {**header(name, p), "skipped": f"missing Python modules: {', '.join(missing)}"}
+                log(f"{name}: skipped, missing {', '.join(missing)}")
+            else:
+                t0 = time.time()
+                with contextlib.redirect_stdout(sys.stderr):  # stray prints must not break the JSON lines
+                    line = run_one(name, ctx)
+                line["seconds"] = round(time.time() - t0, 1)
+            emit(line)
+            lines.append(line)
+            if results_dir is not None:  # after every benchmark: a run cut short keeps what it measured
+                path = write_results(lines, p, results_dir, round(time.time() - start, 1))
+                if copy_to is not None:
+                    copy_to.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, copy_to / path.name)
+    if results_dir is not None and lines:
+        log(f"results written to {path}")
+    return lines
+
+
+def write_results(lines: list[dict], p: Profile, results_dir: Path, seconds: float) -> Path:
+    from infra.provenance import git_commit, now, versions
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    device = device_slug(p.device)
+    doc = {"device": device, "device_name": lines[0].get("device_name") if lines else device, "date": date,
+           "created": now(), "commit": git_commit(), "profile": p.name, "versions": versions(),
+           "seconds": seconds, "benches": {line["bench"]: line for line in lines}}
+    path = results_dir / f"{device}-{date}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(args) -> int:
+    """Entry from `hakd bench` (infra/cli.py): args.what, args.out, args.overrides, args.config."""
+    from infra.cli import DEFAULT_OUT
+    if getattr(args, "config", None):
+        log("--config is not used by bench: models and sizes come from the machine's profile "
+            "(override fields as key=value)")
+    profile, device, rest = getattr(args, "profile", "auto"), getattr(args, "device", "auto"), []
+    for o in args.overrides:  # `hakd bench all profile=tiny device=cpu` (the hakd parser has no such flags)
+        key, _, value = o.partition("=")
+        if key == "profile":
+            profile = value
+        elif key == "device":
+            device = value
+        else:
+            rest.append(o)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"bench: device={device} is not one of auto, cpu, cuda")
+    p = resolve_profile(profile, device, rest)
+    names = SETS.get(args.what, [args.what])
+    results = None
+    if args.what in SETS:
+        out = getattr(args, "out", None)
+        if out and out != DEFAULT_OUT:
+            results = Path(out)
+        elif p.name in ("cpu", "gpu"):
+            results = RESULTS_DIR
+        else:  # tiny figures are checks of the code, never results: keep them out of the repository
+            results = Path(tempfile.gettempdir()) / "hakd-bench-results"
+    log(f"profile {p.name} on {device_slug(p.device)}: {', '.join(names)}")
+    run_set(names, p, results, copy_to=getattr(args, "copy_to", None))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m infra.bench.run", description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("cache", "loader", "train", "analyze", "all", "gpu"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--profile", default="auto", choices=("auto", "cpu", "gpu", "tiny"))
+    ap.add_argument("--tiny", action="store_true", help="the tiny profile: every code path in seconds")
+    ap.add_argument("--out", default=None, help=f"results directory for all/gpu (default {RESULTS_DIR})")
+    ap.add_argument("--copy-to", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                    help="also copy the results file here (default: $OUT when set)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    return ap
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    if args.tiny:
+        args.profile = "tiny"
+    args.config = None
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

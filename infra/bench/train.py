@@ -1,0 +1,232 @@
+"""bench train: one student, one batch size, four ways of getting the teacher's signal.
+
+  plain_step_s        CE only (no teacher)
+  resident_kd_step_s  CE + lambda (PCA + GL); the cached last-block input already in device memory,
+                      the frozen last ViT block run on it each step (as the trainer does)
+  offline_kd_step_s   the same KD step fed by the FFCV StudentLoader from the packed cache,
+                      the wait for the next batch and the host-to-device copies included
+  online_kd_step_s    the teacher run live each step: its forward up to the last block on the
+                      view (stopped there), the live block, then the KD step
+
+Each step replays the view on the device as the trainer does (`apply_views`), under bf16 autocast
+and channels_last on GPU. Every kind gets its own freshly initialised student and optimiser, and
+all four run on the same number of torch threads (FFCV's Loader resets torch.set_num_threads to
+its worker count at every epoch start; the offline step puts it back). After a warm-up the kinds
+are timed in rounds, `train_steps` steps of each in turn, so that drift on the machine hits all four
+alike; the medians over the rounds are reported.
+"""
+from __future__ import annotations
+
+import torch
+
+from infra.bench.common import Context, header, judge, log, median, missing_modules, sig, timed
+from student_train.losses import KDObjective
+from student_train.students import Student
+from student_train.trainer import LastBlockTargets
+from teacher_cache.views import apply_views
+
+
+class _Stop(Exception):
+    pass
+
+
+def tokens_before_last_block(teacher, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The teacher's residual stream entering its last block; the forward stops there."""
+    out = {}
+
+    def hook(module, inputs, output):
+        out["t"] = output
+        raise _Stop
+
+    h = dict(teacher.net.named_modules())[layer].register_forward_hook(hook)
+    try:
+        teacher(x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return out["t"]
+
+
+class Setup:
+    """The student pieces and a fixed device-resident batch (first B images, view 1)."""
+
+    def __init__(self, ctx: Context):
+        p, cfg = ctx.p, ctx.cfg
+        self.p, self.device = p, p.device
+        self.on_gpu = p.device == "cuda"
+        store = ctx.filled_store("teacher_vit")
+        self.layer = next(iter(store.layout.layers))
+        self.num_classes = store.layout.num_classes
+        self.live = LastBlockTargets(cfg.teacher_vit.name, self.num_classes, cfg.data.image_size,
+                                     store.read_params("live_block")).to(p.device)
+        g, b = store.group, p.train_batch
+        dev = p.device
+        self.images = torch.from_numpy(g["images"][:b]).to(dev)
+        self.labels = torch.from_numpy(g["labels"][:b]).to(dev)
+        self.views = torch.from_numpy(g["views"][:b, 1]).to(dev)
+        self.tokens = torch.from_numpy(g[f"features/{self.layer}"][:b, 1]).to(dev)  # float16, resident
+        self.teacher_dim = self.tokens.shape[-1]
+        self.image_size = cfg.data.image_size
+        self.t = cfg.train
+
+    def model(self, kind: str):
+        torch.manual_seed(0)
+        student = Student(self.p.student, self.num_classes, self.image_size)
+        kw = dict(kind=kind, student_channels=student.channels(student.spec.kd_layer), kd_lambda=self.t.kd_lambda,
+                  gl_groups=self.t.gl_groups, swap_prob=self.t.pca_swap_prob)
+        if kind == "student_kd_vit":
+            kw.update(teacher_dim=self.teacher_dim, num_heads=self.live.heads, grid=self.live.grid)
+        objective = KDObjective(**kw)
+        student.to(self.device).train()
+        objective.to(self.device).train()
+        if self.on_gpu and self.p.channels_last:
+            student.to(memory_format=torch.channels_last)
+            objective.to(memory_format=torch.channels_last)
+        params = list(student.parameters()) + list(objective.parameters())
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        return student, objective, opt
+
+    def student_input(self, images, views, student):
+        x = apply_views(images, views, student.input_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.on_gpu and self.p.channels_last else x
+
+    def step(self, model, x, labels, teacher) -> None:
+        student, objective, opt = model
+        kd_layer = student.spec.kd_layer
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.on_gpu and self.p.amp):
+            logits, feats = student.forward_with(x, (kd_layer,))
+            total, _ = objective(logits, labels, feats[kd_layer] if teacher else None, teacher)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+
+def step_time(fn, p, device) -> float:
+    """Median seconds per step: warm-up steps, then `repeats` timed runs of `train_steps` steps."""
+    for _ in range(p.train_warmup):
+        fn()
+    runs = []
+    for _ in range(p.repeats):
+        def many():
+            for _ in range(p.train_steps):
+                fn()
+        runs.append(timed(many, device) / p.train_steps)
+    return median(runs)
+
+
+def epochs_of(loader):
+    """Batches of the StudentLoader across epochs, as the trainer sees them."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def resident_rate(ctx: Context) -> float:
+    """Samples/s the student consumes with resident teacher tensors (for `bench loader` alone)."""
+    s = Setup(ctx)
+    m = s.model("student_kd_vit")
+    step = step_time(lambda: s.step(m, s.student_input(s.images, s.views, m[0]), s.labels, s.live(s.tokens)),
+                     ctx.p, ctx.p.device)
+    return ctx.p.train_batch / step
+
+
+def run(ctx: Context) -> dict:
+    p, dev = ctx.p, ctx.p.device
+    s = Setup(ctx)
+    threads = ctx.threads
+    kinds = {}
+
+    m_plain = s.model("student_independent")
+    kinds["plain_step_s"] = lambda: s.step(m_plain, s.student_input(s.images, s.views, m_plain[0]), s.labels, None)
+
+    m_res = s.model("student_kd_vit")
+    kinds["resident_kd_step_s"] = lambda: s.step(m_res, s.student_input(s.images, s.views, m_res[0]), s.labels,
+                                                 s.live(s.tokens))
+
+    # online: the teacher runs on every step (its forward stopped at the last block's input)
+    teacher = ctx.teacher("teacher_vit").to(dev).eval()
+    m_on = s.model("student_kd_vit")
+
+    def online():
+        with torch.no_grad():
+            xt = apply_views(s.images, s.views, teacher.input_size)
+            if s.on_gpu and p.channels_last:  # as CacheWorker feeds it
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", torch.bfloat16, enabled=s.on_gpu and p.amp):
+                tok = tokens_before_last_block(teacher, xt, s.layer)
+            target = s.live(tok)
+        s.step(m_on, s.student_input(s.images, s.views, m_on[0]), s.labels, target)
+    kinds["online_kd_step_s"] = online
+
+    # offline: the same KD step fed by the FFCV loader from the packed cache
+    skipped = missing_modules(["ffcv"])
+    batches, ahead = None, 0
+    if skipped:
+        log("train: offline KD skipped, ffcv is not importable")
+    else:
+        from student_train.loader import StudentLoader
+        beton, meta, field = ctx.packed()
+        loader = StudentLoader(beton, meta, [field], p.train_batch, p.loader_workers, seed=0,
+                               timeout_s=ctx.cfg.train.loader_timeout_s)
+        batches = epochs_of(loader)
+        ahead = loader.loader.batches_ahead + 2
+        m_off = s.model("student_kd_vit")
+
+        def offline():
+            b = next(batches)
+            # FFCV's Loader calls torch.set_num_threads(num_workers) on every epoch start; keep the
+            # student on the same threads as the other three kinds
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            images = b["image"].to(dev, non_blocking=True)
+            labels = b["label"].to(dev, non_blocking=True)
+            views = b["view"].to(dev, non_blocking=True)
+            target = s.live(b[field].to(dev, non_blocking=True))
+            s.step(m_off, s.student_input(images, views, m_off[0]), labels, target)
+        kinds["offline_kd_step_s"] = offline
+
+    def steps(fn, n):
+        for _ in range(n):
+            fn()
+
+    # warm-up, then rounds over the four kinds (drift on the machine hits all alike); before each
+    # timed offline run, the batches the loader prepared while the other kinds ran are drained
+    times = {k: [] for k in kinds}
+    try:
+        for k, fn in kinds.items():
+            steps(fn, p.train_warmup)
+        for _ in range(p.repeats):
+            for k, fn in kinds.items():
+                if k == "offline_kd_step_s":
+                    steps(fn, ahead)
+                times[k].append(timed(lambda: steps(fn, p.train_steps), dev) / p.train_steps)
+    finally:
+        if batches is not None:
+            batches.close()
+        torch.set_num_threads(threads)
+        teacher.cpu()
+    fig = {k: median(v) for k, v in times.items()}
+    fig.setdefault("offline_kd_step_s", None)
+    log("train: " + ", ".join(f"{k[:-7]} {v * 1e3:.1f} ms" for k, v in fig.items() if v is not None))
+
+    off = fig["offline_kd_step_s"]
+    line = {**header("train", p), "student": p.student, "teacher": p.vit,
+            **{k: (sig(v) if v is not None else None) for k, v in fig.items()},
+            "offline_over_resident": sig(off / fig["resident_kd_step_s"]) if off else None,
+            "online_over_offline": sig(fig["online_kd_step_s"] / off) if off else None,
+            "student_samples_s": sig(p.train_batch / fig["resident_kd_step_s"]),
+            "params": {"batch": p.train_batch, "image_size": p.image_size, "kd": "PCA+GL (student_kd_vit)",
+                       "amp_bf16": p.amp, "channels_last": p.channels_last, "warmup_steps": p.train_warmup,
+                       "steps_per_repeat": p.train_steps, "repeats": p.repeats, "offline_drain_steps": ahead,
+                       "loader_workers": p.loader_workers, "torch_threads": threads}}
+    ctx.memo["student_samples_s"] = line["student_samples_s"]
+    if skipped:
+        line["skipped"] = {"offline_kd_step_s": "ffcv is not importable"}
+    real = p.vit == "vit_b16_clip" and p.student == "resnet50"
+    targets = {"offline_over_resident": "<= 1.05" if p.device == "cuda" else "<= 1.15"}
+    if real:
+        targets["online_over_offline"] = ">= 2"
+    return judge(line, targets)

@@ -1,0 +1,142 @@
+"""`hakd bench`: every benchmark runs on the tiny profile and prints one JSON line with its figures.
+
+No timing is asserted (this machine's speed says nothing about the code): only that each line is
+valid JSON with the documented keys and positive numbers, that the results file is written and
+rendered by table.py, and that gpu.sh is valid bash.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra.bench import run as bench_run
+from infra.bench import table
+from infra.bench.common import resolve_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+# numba (under FFCV's loader) can raise a KeyError from a finalizer when its compiled pipeline is
+# garbage-collected; harmless, and unrelated to what these tests check
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+COMMON = ("bench", "device", "device_name", "profile", "created", "commit", "versions", "targets", "met")
+FIGURES = {
+    "cache": ("bare_forward_img_s", "cache_img_s", "ratio"),
+    "train": ("plain_step_s", "resident_kd_step_s", "offline_kd_step_s", "online_kd_step_s",
+              "offline_over_resident", "online_over_offline"),
+    "loader": ("ffcv_samples_s", "torch_zarr_samples_s", "ratio", "student_samples_s"),
+    "analyze": ("one_worker_s", "two_workers_s", "speedup", "machine_speedup"),
+}
+
+
+def _lines(out: str) -> list[dict]:
+    lines = [l for l in out.splitlines() if l.strip()]
+    return [json.loads(l) for l in lines]
+
+
+def _check(line: dict, bench: str) -> None:
+    assert line["bench"] == bench
+    for k in COMMON:
+        assert k in line, f"{bench}: missing {k}"
+    assert line["device"] == "cpu-2core" or line["device"].startswith("cpu-")
+    assert line["versions"]["torch"] and line["commit"]
+    for k in FIGURES[bench]:
+        assert isinstance(line[k], float) and line[k] > 0, f"{bench}: {k} = {line[k]!r}"
+    for k in line["targets"]:
+        assert line["met"][k] in (True, False)
+
+
+@pytest.fixture(scope="module")
+def gpu_set(tmp_path_factory):
+    """cache, train and loader in one context (one tiny cache), as `python -m infra.bench.run gpu --device cpu --tiny`."""
+    results = tmp_path_factory.mktemp("results")
+    import io
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench_run.cli(["gpu", "--device", "cpu", "--tiny", "--out", str(results)])
+    assert rc == 0
+    return _lines(buf.getvalue()), results
+
+
+def test_cache_train_loader_lines(gpu_set):
+    lines, _ = gpu_set
+    assert [l["bench"] for l in lines] == ["cache", "train", "loader"]  # one line each, nothing else on stdout
+    for line in lines:
+        _check(line, line["bench"])
+    cache, train, loader = lines
+    assert set(cache["teachers"]) == {"vit_demo", "wrn_demo"}
+    for fig in cache["teachers"].values():
+        assert fig["bare_forward_img_s"] > 0 and fig["cache_img_s"] > 0 and fig["ratio"] > 0
+    assert train["student"] == "resnet_demo" and train["params"]["batch"] == 8
+    assert "offline_over_resident" in train["targets"]
+    assert {"ratio", "ffcv_over_student"} <= set(loader["targets"])
+
+
+def test_results_file_and_table(gpu_set):
+    _, results = gpu_set
+    files = sorted(results.glob("cpu-*core-*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert set(doc["benches"]) == {"cache", "train", "loader"} and doc["profile"] == "tiny"
+    md = table.render(files)
+    rows = [r for r in md.splitlines() if r.startswith("| cpu-")]
+    assert md.splitlines()[0].startswith("| device | date | commit | figure | value | target | met |")
+    assert any("cache: teachers.vit_demo.ratio" in r and ">= 0.9" in r for r in rows)
+    assert any("train: offline_over_resident" in r for r in rows)
+    assert any("loader: ratio" in r for r in rows)
+    assert table.main([str(results)]) == 0
+
+
+def test_analyze_line(ray_session, capsys, tmp_path):
+    assert bench_run.cli(["analyze", "--device", "cpu", "--tiny"]) == 0
+    lines = _lines(capsys.readouterr().out)
+    assert len(lines) == 1
+    _check(lines[0], "analyze")
+    assert lines[0]["params"]["ray_cpus"] == 2
+
+
+def test_table_renders_skips_and_verdicts(tmp_path):
+    doc = {"device": "nvidia-h100-80gb-hbm3", "date": "2026-01-02", "commit": "0123456789abcdef", "profile": "gpu",
+           "benches": {
+               "cache": {"bench": "cache", "teacher": "vit_b16_clip", "bare_forward_img_s": 4000.0,
+                         "cache_img_s": 3800.0, "ratio": 0.95, "versions": {"torch": "x"},
+                         "teachers": {"vit_b16_clip": {"bare_forward_img_s": 4000.0, "cache_img_s": 3800.0,
+                                                       "ratio": 0.95}},
+                         "targets": {"teachers.vit_b16_clip.ratio": ">= 0.9"},
+                         "met": {"teachers.vit_b16_clip.ratio": True}},
+               "train": {"bench": "train", "plain_step_s": 0.05, "offline_kd_step_s": None,
+                         "skipped": {"offline_kd_step_s": "ffcv is not importable"}, "targets": {}, "met": {}},
+               "loader": {"bench": "loader", "skipped": "missing Python modules: ffcv"}}}
+    path = tmp_path / "nvidia-h100-80gb-hbm3-2026-01-02.json"
+    path.write_text(json.dumps(doc))
+    md = table.render([path])
+    assert "| nvidia-h100-80gb-hbm3 | 2026-01-02 | 01234567 | cache: teachers.vit_b16_clip.ratio | 0.95 | >= 0.9 | yes |" in md
+    assert "cache: ratio |" not in md  # the top-level copy of the first teacher is not repeated
+    assert "skipped: ffcv is not importable" in md and "skipped: missing Python modules: ffcv" in md
+    assert "versions" not in md
+
+
+def test_cli_dispatch_and_bad_override(capsys):
+    from infra.cli import main
+    assert main(["bench", "cache", "no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        resolve_profile("tiny", "cpu", ["repeats=two"])
+    with pytest.raises(Exception):
+        resolve_profile("tiny", "cpu", ["repeats=0"])
+    p = resolve_profile("tiny", "cpu", ["repeats=3", "student=resnet50"])
+    assert p.repeats == 3 and p.student == "resnet50" and p.amp is False
+    assert resolve_profile("gpu", "cpu").channels_last is False  # GPU models on the CPU: no bf16/channels_last
+    assert main(["bench", "all", "profile=nope"]) == 2
+
+
+def test_gpu_script_is_valid_bash():
+    bash = shutil.which("bash")
+    assert bash
+    script = ROOT / "infra" / "bench" / "gpu.sh"
+    subprocess.run([bash, "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "infra.bench.run gpu" in text and "WHEELS" in text
