@@ -95,6 +95,9 @@ class StudentLoader:
             pipelines[f] = [NDArrayDecoder(), ToTensor()] if f in fields else None
         self.names = ["image", "label", "index", "view"]  # FFCV returns fields in file order
         self.names += [f for f in meta["fields"] if f in fields]
+        # FFCV sets torch's thread count to its worker count when built and at every epoch: undo that,
+        # or the student itself would run on `workers` threads
+        self.torch_threads = torch.get_num_threads()
         try:
             self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
                                  order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=drop_last, seed=seed,
@@ -102,6 +105,7 @@ class StudentLoader:
         except (ValueError, AssertionError, OSError, IndexError) as e:  # a damaged file: FFCV's errors are cryptic
             raise LoaderError(f"cannot read the packed file {beton} ({type(e).__name__}: {e}); delete it and "
                               f"its data.json so that `hakd train` packs it again") from e
+        torch.set_num_threads(self.torch_threads)
         if shuffle:
             # FFCV 1.0.2 cannot take a custom order class in its constructor; install ours after
             order = _make_order_class()(self.loader, meta["images"], meta["views"])
@@ -120,6 +124,7 @@ class StudentLoader:
 
     def __iter__(self):
         it = iter(self.loader)
+        torch.set_num_threads(self.torch_threads)
         last = time.monotonic()
         try:
             while True:

@@ -158,10 +158,10 @@ class CacheStore:
         for name in self.names:
             self.group[name][lo:hi] = datas[name]
             crcs.append(crc32(datas[name]))
-        self._fsync_unit(u)
+        self._fsync_unit(u, self.names)
         self.group["units/crc32"][u] = np.array(crcs, dtype=np.int64)
         self.group["units/done"][u] = 1
-        self._fsync_dir(self.path / "units")
+        self._fsync_unit(u, ["units/crc32", "units/done"])
 
     def _remove_unit(self, u: int) -> None:
         for name in self.names:
@@ -171,25 +171,17 @@ class CacheStore:
             elif shard.exists():
                 shard.unlink()
 
-    def _fsync_unit(self, u: int) -> None:
-        for name in self.names:
-            shard_dir = self.path / name / "c" / str(u)
-            for f in (shard_dir.rglob("*") if shard_dir.is_dir() else [shard_dir]):
+    def _fsync_unit(self, u: int, arrays: list[str]) -> None:
+        """fsync the files of unit u in the given arrays (only those: cost stays per unit)."""
+        for name in arrays:
+            chunk = self.path / name / "c" / str(u)
+            for f in (chunk.rglob("*") if chunk.is_dir() else [chunk]):
                 if f.is_file():
                     fd = os.open(f, os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-
-    def _fsync_dir(self, d: Path) -> None:
-        for f in d.rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
 
     def write_params(self, prefix: str, state: dict[str, np.ndarray]) -> None:
         for k, v in state.items():
