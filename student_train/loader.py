@@ -8,6 +8,7 @@ hands out torch tensors with features reinterpreted as float16.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -42,6 +43,11 @@ def _quiet_numba_finalizer(args):
 
 
 sys.unraisablehook = _quiet_numba_finalizer
+
+
+# importing ffcv sets torch to 1 thread, and its loader sets it to the worker count at every epoch:
+# the student's own thread count is restored after each, from what torch chose before ffcv came in
+_TORCH_THREADS = torch.get_num_threads() if "ffcv" not in sys.modules else len(os.sched_getaffinity(0))
 
 
 class LoaderError(RuntimeError):
@@ -95,9 +101,7 @@ class StudentLoader:
             pipelines[f] = [NDArrayDecoder(), ToTensor()] if f in fields else None
         self.names = ["image", "label", "index", "view"]  # FFCV returns fields in file order
         self.names += [f for f in meta["fields"] if f in fields]
-        # FFCV sets torch's thread count to its worker count when built and at every epoch: undo that,
-        # or the student itself would run on `workers` threads
-        self.torch_threads = torch.get_num_threads()
+        self.torch_threads = _TORCH_THREADS
         try:
             self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
                                  order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=drop_last, seed=seed,

@@ -124,7 +124,7 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     os.replace(tmp, beton)  # a half-written file never takes the real name
     meta = {"source_digest": digest, "rows": len(rows), "images": first.n, "views": first.views,
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
-            "stores": {r: str(p) for r, p in stores.items()},
+            "stores": {r: str(Path(p).resolve()) for r, p in stores.items()},
             "identities": {r: o.attrs["identity"] for r, o in opened.items()}}
     meta_path.write_text(json.dumps(meta, indent=2))
     return beton, meta
