@@ -108,25 +108,31 @@ class CacheWorker:
         self.pending = []
 
     @torch.no_grad()
-    def compute(self, u: int) -> dict[str, np.ndarray]:
+    def forward(self, u: int):
+        """Yield the teacher's outputs (on the device) for unit u's (image, view) pairs, batch by batch."""
         lo, hi = self.store.layout.unit_range(u)
         k, bs = self.store.layout.views, self.cfg.cache.batch_size
         images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
         views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
         pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
-        outs: dict[str, list] = {"logits": [], **{l: [] for l in self.layers}}
+        cuda = self.device == "cuda"
         for i in range(0, len(pairs), bs):
             idx, view = pairs[i:i + bs, 0], pairs[i:i + bs, 1]
             x = apply_views(images[idx].to(self.device, non_blocking=True), views[idx, view], self.teacher.input_size)
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
-                feats = self.teacher.extract(x.contiguous(memory_format=torch.channels_last)
-                                             if self.device == "cuda" else x, self.layers)
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                yield self.teacher.extract(x.contiguous(memory_format=torch.channels_last) if cuda else x, self.layers)
+
+    def compute(self, u: int) -> dict[str, np.ndarray]:
+        """Unit u's arrays on the host, ready to write."""
+        outs: dict[str, list] = {"logits": [], **{l: [] for l in self.layers}}
+        for feats in self.forward(u):
             for name in outs:
                 outs[name].append(feats[name].to(torch.float16).cpu())
-        n = hi - lo
+        lo, hi = self.store.layout.unit_range(u)
+        k = self.store.layout.views
         arrays = {"images": self.images[lo:hi], "labels": self.labels[lo:hi], "views": self.views[lo:hi]}
         for name, parts in outs.items():
-            t = torch.cat(parts).view(n, k, *parts[0].shape[1:]).numpy()
+            t = torch.cat(parts).view(hi - lo, k, *parts[0].shape[1:]).numpy()
             arrays["logits" if name == "logits" else f"features/{name}"] = t
         return arrays
 

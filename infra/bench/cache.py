@@ -8,30 +8,17 @@ the teacher's outputs on the device. "img/s" counts teacher inputs (image-views)
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from infra.bench.common import ROLES, Context, header, judge, log, median, sig, timed
-from teacher_cache.views import apply_views
 
 TARGET = ">= 0.9"
 
 
-@torch.no_grad()
 def bare_unit(worker, u: int) -> None:
-    """CacheWorker.compute without the host copy and the write: the teacher forward alone."""
-    layout = worker.store.layout
-    lo, hi = layout.unit_range(u)
-    k, bs = layout.views, worker.cfg.cache.batch_size
-    images = torch.from_numpy(np.ascontiguousarray(worker.images[lo:hi]))
-    views = torch.from_numpy(np.ascontiguousarray(worker.views[lo:hi]))
-    pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
-    cuda = worker.device == "cuda"
-    for i in range(0, len(pairs), bs):
-        idx, view = pairs[i:i + bs, 0], pairs[i:i + bs, 1]
-        x = apply_views(images[idx].to(worker.device, non_blocking=True), views[idx, view], worker.teacher.input_size)
-        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-            worker.teacher.extract(x.contiguous(memory_format=torch.channels_last) if cuda else x, worker.layers)
+    """The teacher forward alone: CacheWorker's own loop without the host copy and the write."""
+    for _ in worker.forward(u):
+        pass
 
 
 def one_teacher(ctx: Context, role: str) -> dict:
