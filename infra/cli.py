@@ -86,7 +86,7 @@ def _verify(args) -> int:
             print(f"{p}: {len(problems)} problem(s)")
             for pr in problems[:20]:
                 print(f"  - {pr}")
-            print(f"  fix: re-run `hakd cache` with the same config and --out; it rewrites exactly these shards")
+            print("  fix: re-run `hakd cache` with the same config and --out; it rewrites exactly these shards")
         else:
             print(f"{p}: ok")
     return 1 if bad else 0

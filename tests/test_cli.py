@@ -1,6 +1,5 @@
 """End to end through the `hakd` command line on a tiny config, and every kind of bad input."""
 import json
-import os
 
 import pytest
 import yaml

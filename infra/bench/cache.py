@@ -8,7 +8,6 @@ the teacher's outputs on the device. "img/s" counts teacher inputs (image-views)
 """
 from __future__ import annotations
 
-import torch
 
 from infra.bench.common import ROLES, Context, header, judge, log, median, sig, timed
 
