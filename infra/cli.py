@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = {"cache": ["cache"], "train": ["train"], "analyze": ["analyze"],
                   "run": ["cache", "train", "analyze"]}[args.command]
         return _run_stages(args, stages)
-    except UserError as e:
-        print(f"hakd: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:  # a dataset or weights file that is not where the config says
+    except (UserError, FileNotFoundError) as e:  # bad input, or a dataset/weights file not where the config says
         print(f"hakd: error: {e}", file=sys.stderr)
         return 2
 

@@ -39,8 +39,11 @@ def prepare_out(cfg: Config, out: Path, overwrite: bool) -> None:
     write_run_info(out, cfg)
 
 
+STAGE_DIRS = {"cache": "cache", "train": "train", "analyze": "report"}
+
+
 def _stage_done(cfg: Config, out: Path, stage: str) -> bool:
-    info = Path(out) / ("report" if stage == "analyze" else stage) / "run.json"
+    info = Path(out) / STAGE_DIRS[stage] / "run.json"
     if not info.is_file():
         return False
     data = json.loads(info.read_text())
@@ -48,7 +51,7 @@ def _stage_done(cfg: Config, out: Path, stage: str) -> bool:
 
 
 def _mark_done(cfg: Config, out: Path, stage: str, **extra) -> None:
-    d = Path(out) / ("report" if stage == "analyze" else stage)
+    d = Path(out) / STAGE_DIRS[stage]
     write_run_info(d, cfg, stage=stage, complete=True, stage_digest=cfg.digest(*STAGE_SECTIONS[stage]), **extra)
 
 
