@@ -5,7 +5,10 @@
 the unbiased HSIC estimator (Song et al. 2012) over minibatches, so it only ever holds m x m Gram
 matrices, never an n x n one for the whole data set.
 
-Everything is computed in float64, on the device of the first input.
+Everything is computed in float64, on the device of the first input (a GPU's features are
+reduced on the GPU). Between updates the accumulator keeps only its (R, C) + R + C float64 sums, so
+a caller that feeds it one minibatch of features at a time (analysis.evaluate.streaming_cka) needs
+memory for one minibatch of every layer, whatever the number of images.
 """
 from __future__ import annotations
 

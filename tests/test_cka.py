@@ -94,3 +94,62 @@ def test_minibatch_approximates_full_debiased_cka():
     full = linear_cka(x, y, debiased=True)
     assert 0.3 < full < 0.9  # really correlated, yet not identical
     assert acc.result()[0, 0] == pytest.approx(full, abs=0.03)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_minibatch_is_the_full_debiased_cka(seed):
+    """Property: over a single minibatch holding every sample, the accumulator is exactly the debiased CKA."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(8, 60, (1,), generator=g))
+    x, y = _correlated(n, seed)
+    x = x[:, :int(torch.randint(1, 12, (1,), generator=g))]
+    acc = MinibatchCKA(2, 1)
+    acc.update([x, 2 * y], [y])
+    assert acc.result()[0, 0] == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-10)
+    assert acc.result()[1, 0] == pytest.approx(1.0, abs=1e-10)
+
+
+def _demo_models():
+    from analysis.evaluate import build_model
+    from infra.config import load_config
+    cfg = load_config(None, ["data.image_size=32"])
+    torch.manual_seed(0)
+    student, teacher = build_model(cfg, "student_independent").eval(), build_model(cfg, "teacher_vit").eval()
+    return student, teacher
+
+
+def _state_bytes(acc: MinibatchCKA) -> int:
+    """Bytes the accumulator keeps between updates: every array or tensor it holds."""
+    return sum(v.nbytes if hasattr(v, "nbytes") else v.numel() * v.element_size()
+               for v in vars(acc).values() if hasattr(v, "nbytes") or isinstance(v, torch.Tensor))
+
+
+def test_streaming_cka_equals_all_features_at_once():
+    """`streaming_cka` computes features one minibatch at a time; the result is the same as computing every
+    layer's features for all images first (what the analysis did before) and accumulating their slices."""
+    from analysis.evaluate import layer_features, streaming_cka
+    student, teacher = _demo_models()
+    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    streamed = streaming_cka(student, "student_independent", teacher, x, batch=8)
+    rows, cols = layer_features(student, "student_independent", x), layer_features(teacher, "teacher_vit", x)
+    at_once = MinibatchCKA(len(rows), len(cols))
+    for i in range(0, 24, 8):
+        at_once.update([r[i:i + 8] for r in rows], [c[i:i + 8] for c in cols])
+    assert streamed.result().shape == (4, 4)  # 4 student stages x 4 demo ViT blocks
+    assert abs(streamed.result() - at_once.result()).max() < 1e-6
+
+
+def test_streaming_cka_memory_does_not_grow_with_images(monkeypatch):
+    """Features are computed for one minibatch at a time, and the accumulator keeps (R, C) + R + C float64
+    sums and no features, however many images it has seen."""
+    import analysis.evaluate as evaluate
+    student, teacher = _demo_models()
+    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen = []
+    original = evaluate.layer_features
+    monkeypatch.setattr(evaluate, "layer_features", lambda m, name, xb: seen.append(len(xb)) or original(m, name, xb))
+    small = evaluate.streaming_cka(student, "student_independent", teacher, x[:8], batch=8)
+    large = evaluate.streaming_cka(student, "student_independent", teacher, x, batch=8)
+    assert seen == [8] * 12  # (1 + 5 minibatches) x (student, teacher): never more than one minibatch
+    r, c = large.n_rows, large.n_cols
+    assert _state_bytes(small) == _state_bytes(large) == 8 * (r * c + r + c)
