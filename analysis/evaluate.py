@@ -4,9 +4,19 @@ Models are the two teachers and the trained students, all called on float images
 dataset's resolution (each resizes and normalises for itself), so every measure, pixel-space
 epsilons and Fourier radii included, means the same thing for every model. Tasks are seeded and
 see the same images in the same order, so a re-run gives the same numbers.
+
+On a Ray cluster with GPUs each task takes `analysis.gpus_per_task` of one and runs its models
+there; test images stay on the host and go to the GPU a batch at a time. With `analysis.bf16` the
+measures in BF16_MEASURES run under bf16 autocast. GradCAM and the adversarial attacks stay in
+float32: grad-cam hands activations and gradients to numpy, which has no bfloat16, and the
+smallest attack step (eps 0.002 of [0, 1] pixels, about 0.008 after normalisation) is about one
+bf16 step of the normalised input, so bf16 would round the perturbation itself. CKA runs its
+forwards in bf16 but accumulates its statistics in float64 (analysis/cka.py), one minibatch of
+features at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from functools import lru_cache
@@ -18,11 +28,13 @@ from tqdm import tqdm
 
 from infra.config import Config, config_from_dict
 from infra.errors import UserError
+from teacher_cache.bias import shape_bias_note
 from teacher_cache.datasets import class_names, load_split, test_variants
 from teacher_cache.fit import build_teacher
 
 TEACHERS = ("teacher_vit", "teacher_cnn")
 STUDENT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+BF16_MEASURES = ("accuracy", "fourier", "occlusion", "shape_bias", "cka")  # the others need float32 (see above)
 
 
 class ModelMismatch(UserError, RuntimeError):
@@ -70,20 +82,38 @@ def _split(cfg_json: str, variant: str):
             "masks": s["masks"], "images": s["images"], "n": n}
 
 
-def _features(model, name: str, x: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    """Flattened per-layer features: student stages, or every ViT block's patch tokens."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            if name == "teacher_vit":
-                net = model.net
-                layers = [f"blocks.{j}" for j in range(len(net.blocks))]
-                f = model.extract(x[i:i + batch], layers)
-                outs.append([f[l][:, net.num_prefix_tokens:].flatten(1) for l in layers])
-            else:
-                _, f = model.forward_with(x[i:i + batch], STUDENT_LAYERS)
-                outs.append([f[l].flatten(1) for l in STUDENT_LAYERS])
-    return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
+@torch.no_grad()
+def layer_features(model, name: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """Flattened per-layer features of one minibatch: student stages, or every ViT block's patch tokens."""
+    if name == "teacher_vit":
+        net = model.net
+        layers = [f"blocks.{j}" for j in range(len(net.blocks))]
+        f = model.extract(x, layers)
+        return [f[l][:, net.num_prefix_tokens:].flatten(1) for l in layers]
+    _, f = model.forward_with(x, STUDENT_LAYERS)
+    return [f[l].flatten(1) for l in STUDENT_LAYERS]
+
+
+def streaming_cka(model, name: str, teacher, x: torch.Tensor, batch: int, precision=contextlib.nullcontext):
+    """MinibatchCKA between the model's layers and every ViT block over x, one minibatch at a time.
+
+    Only one minibatch of features exists at any moment: memory is bounded by the batch and the
+    layer count, never by len(x). Full minibatches only (the unbiased HSIC of each must use m
+    samples). x stays where it is; each minibatch goes to the model's device.
+    """
+    from analysis.cka import MinibatchCKA
+    from analysis.robustness import model_device
+    device = model_device(model)
+    acc = None
+    for i in range(0, len(x) - batch + 1, batch):
+        xb = x[i:i + batch].to(device)
+        with precision():
+            rows, cols = layer_features(model, name, xb), layer_features(teacher, "teacher_vit", xb)
+        if acc is None:
+            acc = MinibatchCKA(len(rows), len(cols))
+        acc.update(rows, cols)
+        del rows, cols
+    return acc
 
 
 def _gradcam_target(model, name: str):
@@ -95,66 +125,122 @@ def _gradcam_target(model, name: str):
     return model.net.layer4[-1], None
 
 
+def task_resources(cfg: Config, cluster: dict) -> dict:
+    """Ray resources of one analysis task: one CPU, plus analysis.gpus_per_task of a GPU when the
+    cluster has GPUs (ray.cluster_resources()), so that tasks land on GPU nodes and use them."""
+    gpus = cfg.analysis.gpus_per_task if cluster.get("GPU", 0) > 0 else 0.0
+    return {"num_cpus": 1, "num_gpus": gpus}
+
+
+def task_device() -> torch.device:
+    """The GPU Ray gave this task (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    import ray
+    if not (ray.is_initialized() and ray.get_gpu_ids()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        node = ray.util.get_node_ip_address()
+        raise UserError(f"Ray gave an analysis task GPU {ray.get_gpu_ids()} on node {node}, but torch there sees "
+                        f"no CUDA device; install a CUDA build of torch on that node, or set analysis.gpus_per_task=0")
+    return torch.device("cuda")
+
+
+def precision_for(cfg: Config, measure: str, device: torch.device):
+    """A context factory: bf16 autocast for the measures that allow it (on GPU, with analysis.bf16), else none."""
+    if cfg.analysis.bf16 and device.type == "cuda" and measure in BF16_MEASURES:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def run_task(cfg_dict: dict, out: str, name: str, measure: str, variant: str) -> tuple:
-    """One measure of one model; returns (name, measure, variant, result)."""
+    """One measure of one model, as a Ray task; returns (name, measure, variant, result)."""
     torch.set_num_threads(1)  # one core per task: parallelism comes from Ray
     cfg = config_from_dict(cfg_dict)
+    device = task_device()
+    model = load_model(cfg, Path(out), name).to(device)
+    d = _split(json.dumps(cfg_dict, sort_keys=True), variant)
+    return name, measure, variant, run_measure(cfg, Path(out), model, name, measure, d, precision_for(cfg, measure, device))
+
+
+def run_measure(cfg: Config, out: Path, model, name: str, measure: str, d: dict, precision=contextlib.nullcontext):
+    """The result of one measure of one model on the split `d` (host tensors), on the model's device.
+
+    `precision` is a context factory the forwards run under (bf16 autocast from `precision_for`);
+    teachers that a measure compares against are loaded onto the model's device.
+    """
+    from analysis.robustness import model_device
     a = cfg.analysis
-    cfg_json = json.dumps(cfg_dict, sort_keys=True)
-    model = load_model(cfg, Path(out), name)
-    d = _split(cfg_json, variant)
     if measure == "accuracy":
         from analysis.robustness import accuracy
-        return name, measure, variant, accuracy(model, d["x"], d["y"], a.eval_batch_size)
+        with precision():
+            return accuracy(model, d["x"], d["y"], a.eval_batch_size)
     if measure == "fourier":
         from analysis.fourier import frequency_accuracy, high_frequency_reliance, low_frequency_reliance
-        curves = frequency_accuracy(model, d["x"], d["y"], a.fourier_radii, a.eval_batch_size)
+        with precision():
+            curves = frequency_accuracy(model, d["x"], d["y"], a.fourier_radii, a.eval_batch_size)
         curves["low_frequency_reliance"] = low_frequency_reliance(curves)
         curves["high_frequency_reliance"] = high_frequency_reliance(curves)
-        return name, measure, variant, curves
+        return curves
     if measure == "occlusion":
         from analysis.robustness import occlusion_curve
-        return name, measure, variant, occlusion_curve(model, d["x"], d["y"], a.occlusion_fractions, grid=8,
-                                                       seed=cfg.seed, batch_size=a.eval_batch_size)
+        with precision():
+            return occlusion_curve(model, d["x"], d["y"], a.occlusion_fractions, grid=8, seed=cfg.seed,
+                                   batch_size=a.eval_batch_size)
     if measure == "adversarial":
         from analysis.robustness import adversarial_curve
         x, y = d["x"][:a.adversarial_samples], d["y"][:a.adversarial_samples]
-        return name, measure, variant, {
-            atk: adversarial_curve(model, x, y, a.adversarial_eps, attack=atk, steps=a.pgd_steps, seed=cfg.seed)
-            for atk in ("fgsm", "pgd")}
+        return {atk: adversarial_curve(model, x, y, a.adversarial_eps, attack=atk, steps=a.pgd_steps, seed=cfg.seed)
+                for atk in ("fgsm", "pgd")}
     if measure == "shape_bias":
         from analysis.robustness import shape_bias
-        return name, measure, variant, shape_bias(model, d["x"], d["y"], d["tex"], a.eval_batch_size)
+        with precision():
+            return shape_bias(model, d["x"], d["y"], d["tex"], a.eval_batch_size)
     if measure == "cka":
-        from analysis.cka import MinibatchCKA
-        teacher = load_model(cfg, Path(out), "teacher_vit")
-        x = d["x"][:a.cka_samples]
-        rows, cols = _features(model, name, x, a.cka_batch_size), _features(teacher, "teacher_vit", x, a.cka_batch_size)
-        acc = MinibatchCKA(len(rows), len(cols))
-        for i in range(0, len(x) - a.cka_batch_size + 1, a.cka_batch_size):  # full minibatches only
-            acc.update([r[i:i + a.cka_batch_size] for r in rows], [c[i:i + a.cka_batch_size] for c in cols])
-        return name, measure, variant, {"student_layers": list(STUDENT_LAYERS),
-                                        "teacher_layers": [f"blocks.{j}" for j in range(len(cols))],
-                                        "matrix": acc.result().tolist()}
+        teacher = load_model(cfg, out, "teacher_vit").to(model_device(model))
+        acc = streaming_cka(model, name, teacher, d["x"][:a.cka_samples], a.cka_batch_size, precision)
+        return {"student_layers": list(STUDENT_LAYERS), "teacher_layers": [f"blocks.{j}" for j in range(acc.n_cols)],
+                "matrix": acc.result().tolist()}
     if measure == "gradcam":
-        return name, measure, variant, _gradcam(cfg, Path(out), model, name, d)
+        return _gradcam(cfg, out, model, name, d)
     raise ValueError(f"unknown measure {measure!r}")
 
 
+@lru_cache(maxsize=2)
+def gradcam_grids(cfg_json: str) -> dict[str, tuple[int, int]]:
+    """Each compared model's native GradCAM grid, from its architecture alone (weights do not change it)."""
+    from analysis.gradcam import layer_grid
+    cfg = config_from_dict(json.loads(cfg_json))
+    grids = {}
+    for name in dict.fromkeys([*cfg.analysis.models, "teacher_vit"]):  # teacher_vit: every map's reference
+        model = build_model(cfg, name)
+        layer, reshape = _gradcam_target(model, name)
+        grids[name] = layer_grid(model, layer, cfg.data.image_size, reshape)
+    return grids
+
+
+def gradcam_grid_meta(cfg: Config) -> dict:
+    """metrics["meta"]["gradcam_common_grid"]: the grid GradCAM maps are compared on, and how they got there."""
+    from analysis.gradcam import common_grid
+    grids = gradcam_grids(json.dumps(cfg.to_dict(), sort_keys=True))
+    return {"size": list(common_grid(grids.values())), "native": {m: list(g) for m, g in grids.items()},
+            "resampling": "the coarsest model's grid; finer maps area-averaged onto it, object masks as the "
+                          "fraction of each cell they cover (no map is upsampled)"}
+
+
 def _gradcam(cfg: Config, out: Path, model, name: str, d: dict) -> dict:
-    from analysis.gradcam import gradcam_maps, resize_maps, summarize_gradcam
+    from analysis.gradcam import gradcam_maps, summarize_gradcam, to_grid
     a = cfg.analysis
     n = min(a.gradcam_eval_samples, d["n"])
     x, y = d["x"][:n], d["y"][:n]
     layer, reshape = _gradcam_target(model, name)
-    size = cfg.data.image_size
-    maps = resize_maps(gradcam_maps(model, layer, x, y, reshape), size)
+    grid = tuple(gradcam_grid_meta(cfg)["size"])
+    maps = to_grid(gradcam_maps(model, layer, x, y, reshape), grid)
     reference = None
     if name != "teacher_vit":
-        teacher = load_model(cfg, out, "teacher_vit")
+        from analysis.robustness import model_device
+        teacher = load_model(cfg, out, "teacher_vit").to(model_device(model))
         t_layer, t_reshape = _gradcam_target(teacher, "teacher_vit")
-        reference = resize_maps(gradcam_maps(teacher, t_layer, x, y, t_reshape), size)
-    masks = None if d["masks"] is None else d["masks"][:n]
+        reference = to_grid(gradcam_maps(teacher, t_layer, x, y, t_reshape), grid)
+    masks = None if d["masks"] is None else to_grid(d["masks"][:n], grid)
     summary = summarize_gradcam(maps, masks=masks, reference=reference)
     return {"summary": summary, "grid_maps": maps[:a.gradcam_samples].tolist()}
 
@@ -167,7 +253,7 @@ def plan_tasks(cfg: Config) -> list[tuple[str, str, str]]:
         tasks += [(m, "fourier", "clean"), (m, "occlusion", "clean"), (m, "adversarial", "clean")]
         gradcam_variant = "texture" if "texture" in variants else "clean"
         tasks.append((m, "gradcam", gradcam_variant))
-        if "texture" in variants:
+        if "texture" in variants and shape_bias_note(cfg.data.name)[0]:
             tasks.append((m, "shape_bias", "texture"))
         if m != "teacher_vit" and m not in TEACHERS:
             tasks.append((m, "cka", "clean"))
@@ -185,7 +271,7 @@ def run_analysis(cfg: Config, out: Path, log=print) -> dict:
     if "teacher_vit" not in cfg.analysis.models:
         load_model(cfg, out, "teacher_vit")  # CKA and GradCAM references
     ensure_ray(cfg.ray)
-    remote = ray.remote(num_cpus=1)(run_task)
+    remote = ray.remote(**task_resources(cfg, ray.cluster_resources()))(run_task)
     tasks = plan_tasks(cfg)
     queue, inflight, results = list(tasks), [], []
     bar = tqdm(total=len(tasks), desc="analyze", unit="task")
@@ -232,5 +318,7 @@ def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
                        "pairs": {"student_kd_vit": "teacher_vit", "student_kd_cnn": "teacher_cnn",
                                  "student_logit_kd": "teacher_vit"},
                        "teachers": {"teacher_vit": cfg.teacher_vit.name, "teacher_cnn": cfg.teacher_cnn.name},
+                       "shape_bias_note": shape_bias_note(cfg.data.name)[1],
+                       "gradcam_common_grid": gradcam_grid_meta(cfg),
                        "seconds": {"analysis": round(seconds, 1)}}
     return {"metrics": metrics, "gradcam_grid": grid}

@@ -103,6 +103,8 @@ class AnalysisConfig:
     adversarial_samples: int = 200
     pgd_steps: int = 5
     workers: int = 2              # Ray tasks in flight
+    gpus_per_task: float = 1.0    # share of a GPU each task takes when the Ray cluster has GPUs (0.25: 4 tasks per GPU; 0: CPU only)
+    bf16: bool = True             # on GPU: bf16 autocast for accuracy, Fourier, occlusion, shape bias and CKA forwards
 
 
 @dataclass
@@ -319,6 +321,8 @@ def validate(cfg: Config) -> None:
     need(all(e >= 0 for e in a.adversarial_eps), "analysis.adversarial_eps", "must be >= 0")
     need(a.pgd_steps >= 1, "analysis.pgd_steps", "must be >= 1")
     need(a.workers >= 1, "analysis.workers", "must be >= 1")
+    need(0.0 <= a.gpus_per_task <= 1.0, "analysis.gpus_per_task",
+         "must be in [0, 1]: a share of one GPU per task (0 runs the analysis on CPUs only)")
     need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
 
 
