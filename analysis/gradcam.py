@@ -2,8 +2,13 @@
 
 The `grad-cam` package min-max scales every map to [0, 1] and resizes it to the input, which hides
 how strong a map is and makes a flat map look as peaked as a focused one. Here the map is the raw
-ReLU(sum_k w_k A_k) on the target layer's grid; `resize_maps` brings maps of different models to one
-common grid, and the measures below (all per image) are computed on those raw maps.
+ReLU(sum_k w_k A_k) on the target layer's grid, and the measures below (all per image) are computed
+on those raw maps.
+
+Maps of different models (a 7x7 ResNet-50 `layer4`, a 14x14 ViT-B/16 token grid; 4x4 and 8x8 in
+the demo) are compared on one common grid: the coarsest of their grids (`common_grid`), the finer
+maps area-averaged down onto it (`to_grid`). Upsampling the coarse map instead would interpolate
+its few cells into smooth blobs, which the spread measures would read as more global attention.
 """
 from __future__ import annotations
 
@@ -65,12 +70,44 @@ def gradcam_maps(model: nn.Module, target_layer: nn.Module, images: torch.Tensor
     return np.concatenate(maps).astype(np.float32)
 
 
-def resize_maps(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize maps (B, h, w) to (B, *size), so maps from different models share one grid."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    resized = F.interpolate(torch.from_numpy(np.asarray(maps, dtype=np.float32))[:, None], size=size,
-                            mode="bilinear", align_corners=False)
-    return resized[:, 0].numpy()
+@torch.no_grad()
+def layer_grid(model: nn.Module, target_layer: nn.Module, image_size: int,
+               reshape_transform: Callable | None = None) -> tuple[int, int]:
+    """The (h, w) grid of `target_layer`'s GradCAM map for image_size inputs: one forward of a blank image."""
+    out = {}
+    hook = target_layer.register_forward_hook(lambda m, i, o: out.__setitem__("a", o))
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    a = out["a"] if reshape_transform is None else reshape_transform(out["a"])
+    return int(a.shape[-2]), int(a.shape[-1])
+
+
+def common_grid(grids) -> tuple[int, int]:
+    """The grid that maps of the given (h, w) grids are compared on: the coarsest (smallest h, smallest w)."""
+    grids = [tuple(int(v) for v in g) for g in grids]
+    if not grids:
+        raise ValueError("common_grid needs at least one grid")
+    return min(h for h, _ in grids), min(w for _, w in grids)
+
+
+def to_grid(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Area-average maps (B, h, w) down onto `grid` (each cell: the mean of the finer cells it covers).
+
+    Boolean masks become the fraction of each cell they cover. Refuses to upsample: a map coarser than
+    the grid would have to be interpolated, which smooths it (see the module docstring).
+    """
+    maps = np.asarray(maps)
+    h, w = maps.shape[-2:]
+    if h < grid[0] or w < grid[1]:
+        raise ValueError(f"a {h}x{w} map cannot be compared on the finer {grid[0]}x{grid[1]} grid without "
+                         f"interpolating it; use the coarsest grid of the maps compared (common_grid)")
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(maps.astype(np.float64))[:, None], tuple(grid))
+    return pooled[:, 0].numpy()
 
 
 def _distributions(maps: np.ndarray) -> np.ndarray:
@@ -103,12 +140,14 @@ def mass_fraction(maps: np.ndarray, q: float) -> np.ndarray:
 
 
 def energy_inside(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per-image fraction of the map's mass inside a boolean object mask on the same grid (energy pointing game).
+    """Per-image fraction of the map's mass on the object (energy pointing game).
 
-    masks: (B, h, w) or one (h, w) mask for all images. nan for all-zero maps.
+    masks: on the maps' grid, (B, h, w) or one (h, w) for all images; boolean, or the fraction of each
+    cell the object covers (`to_grid` of a pixel mask), in which case a cell's mass counts in
+    proportion to its object fraction. nan for all-zero maps.
     """
     p = _distributions(maps)
-    inside = np.broadcast_to(np.asarray(masks, dtype=bool), np.shape(maps)).reshape(len(p), -1)
+    inside = np.broadcast_to(np.asarray(masks, dtype=np.float64), np.shape(maps)).reshape(len(p), -1)
     return (p * inside).sum(axis=1)
 
 

@@ -81,3 +81,20 @@ def occlude_patches(images: np.ndarray, fraction: float, grid: int, rng: np.rand
             r, q = divmod(int(p), grid)
             out[i, ys[r]:ys[r + 1], xs[q]:xs[q + 1]] = fill
     return out
+
+
+# Datasets whose `texture` variant is cue conflict: every object is filled with the texture that
+# another class carries in training, so a texture id is a class label and a prediction can be
+# called a shape or a texture decision (Geirhos et al. 2019).
+CUE_CONFLICT_DATASETS = ("shapes",)
+
+
+def shape_bias_note(dataset: str) -> tuple[bool, str]:
+    """Whether shape bias is measured on `dataset`, and one sentence saying why (metrics["meta"]["shape_bias_note"])."""
+    if dataset in CUE_CONFLICT_DATASETS:
+        return True, ("measured on the cue-conflict texture variant: every object is filled with the texture "
+                      "another class carries in training, so each texture decision is a class decision")
+    if dataset == "fashionmnist":
+        return False, ("not measured: the texture variant's background textures belong to no class, so no "
+                       "prediction is a texture decision; that variant measures accuracy under texture only")
+    return False, f"not measured: {dataset} has no cue-conflict variant (no texture stands for a class)"

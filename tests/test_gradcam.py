@@ -9,8 +9,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from analysis.gradcam import (energy_inside, gradcam_maps, mass_fraction, normalized_entropy, rank_correlation,
-                              resize_maps, summarize_gradcam, vit_reshape_transform)
+from analysis.gradcam import (common_grid, energy_inside, gradcam_maps, layer_grid, mass_fraction, normalized_entropy,
+                              rank_correlation, summarize_gradcam, to_grid, vit_reshape_transform)
 
 N_PIXELS = 64
 
@@ -66,11 +66,60 @@ def test_summary_keys_and_values():
     assert set(summarize_gradcam(maps)) == {"entropy", "mass50", "mass90"}
 
 
-def test_resize_maps_to_common_grid():
-    maps = np.random.default_rng(2).random((3, 4, 4)).astype(np.float32)
-    assert resize_maps(maps, 8).shape == (3, 8, 8)
-    assert resize_maps(maps, (6, 10)).shape == (3, 6, 10)
-    np.testing.assert_allclose(resize_maps(np.ones((1, 4, 4)), 7), 1.0)  # uniform stays uniform
+def test_common_grid_is_the_coarsest():
+    assert common_grid([(14, 14), (7, 7)]) == (7, 7)
+    assert common_grid([(8, 8), (4, 4), (4, 4)]) == (4, 4)
+    assert common_grid([(6, 10), (8, 5)]) == (6, 5)
+
+
+def test_to_grid_area_averages_and_never_upsamples():
+    fine = np.random.default_rng(2).random((3, 8, 8))
+    coarse = to_grid(fine, (4, 4))
+    np.testing.assert_allclose(coarse, fine.reshape(3, 4, 2, 4, 2).mean(axis=(2, 4)))  # mean of each 2x2 block
+    np.testing.assert_allclose(to_grid(fine, (8, 8)), fine)  # already on the grid: unchanged
+    with pytest.raises(ValueError, match="interpolating"):
+        to_grid(coarse, (8, 8))
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, :3, :] = True  # the top 3 pixel rows: all of cell row 0, half of cell row 1
+    np.testing.assert_allclose(to_grid(mask, (4, 4))[0, :, 0], [1.0, 0.5, 0.0, 0.0])
+
+
+def test_coarse_focused_map_is_not_made_global():
+    # A 4x4 map with all its mass in one cell, against an 8x8 map with its mass in the matching 2x2 block:
+    # on the common (coarse) grid both are one cell. Upsampling the coarse map instead (bilinear to 8x8)
+    # spreads it over many pixels and makes it look more global than the fine map.
+    coarse = np.zeros((1, 4, 4))
+    coarse[0, 1, 2] = 1.0
+    fine = np.zeros((1, 8, 8))
+    fine[0, 2:4, 4:6] = 1.0
+    grid = common_grid([coarse.shape[1:], fine.shape[1:]])
+    a, b = to_grid(coarse, grid), to_grid(fine, grid)
+    np.testing.assert_allclose(normalized_entropy(a), normalized_entropy(b))
+    np.testing.assert_allclose(normalized_entropy(a), 0.0, atol=1e-12)
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(coarse)[:, None], size=(8, 8), mode="bilinear",
+                                                align_corners=False)[:, 0].numpy()
+    assert normalized_entropy(upsampled)[0] > normalized_entropy(fine)[0] + 0.2
+
+
+def test_energy_inside_fractional_mask():
+    maps = np.ones((1, 2, 2))
+    np.testing.assert_allclose(energy_inside(maps, np.array([[1.0, 0.5], [0.0, 0.0]])), 0.375)
+
+
+def test_layer_grid_of_cnn_and_vit():
+    torch.manual_seed(0)
+    cnn = _TinyCNN()
+    assert layer_grid(cnn, cnn.features[-1], 16) == (8, 8)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    assert layer_grid(vit, vit.blocks[-1].norm1, 32, vit_reshape_transform(4, 4)) == (4, 4)
+
+
+def test_demo_models_share_the_student_grid(tiny_cfg):
+    from analysis.evaluate import gradcam_grid_meta
+    meta = gradcam_grid_meta(tiny_cfg)
+    # demo at 32 px: ViT tokens 8x8, every ResNet layer4 4x4 -> compared on 4x4, the ViT maps area-averaged
+    assert meta["native"]["teacher_vit"] == [8, 8] and meta["native"]["teacher_cnn"] == [4, 4]
+    assert meta["size"] == [4, 4] and "area" in meta["resampling"]
 
 
 class _TinyCNN(nn.Module):

@@ -49,3 +49,20 @@ def test_train_and_test_are_different_images():
 def test_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         make_shapes(10, 16, seed=0, variant="blurred")
+
+
+def test_shape_bias_only_where_textures_are_class_labels():
+    from analysis.evaluate import plan_tasks
+    from infra.config import CONFIG_DIR, load_config
+    from teacher_cache.bias import shape_bias_note
+
+    demo_tasks = plan_tasks(load_config(None, []))
+    assert ("teacher_vit", "shape_bias", "texture") in demo_tasks
+    assert shape_bias_note("shapes")[0]
+    # FashionMNIST's background textures belong to no class: the texture variant keeps its accuracy task only
+    fmnist_tasks = plan_tasks(load_config(CONFIG_DIR / "paper_fashionmnist.yaml", []))
+    assert ("teacher_vit", "accuracy", "texture") in fmnist_tasks
+    assert not [t for t in fmnist_tasks if t[1] == "shape_bias"]
+    applies, note = shape_bias_note("fashionmnist")
+    assert not applies and note.startswith("not measured")
+    assert not shape_bias_note("cifar10")[0]
