@@ -62,8 +62,12 @@ class CacheConfig:
     shard_size: int = 512         # samples per shard = one Ray work unit = one writer
     chunk_size: int = 64          # samples per chunk inside a shard (must divide shard_size)
     batch_size: int = 128         # teacher forward batch
-    clevel: int = 3               # Blosc zstd level (bitshuffle)
+    clevel: int = 3               # Blosc level of the lz4 / zstd codecs
+    codec: str = "zstd"           # every array's codec: none | lz4 | zstd (Blosc, bitshuffle; README has measurements)
+    codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=lz4
+    feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
     workers: int = 2              # Ray actors writing shards in parallel
+    writers: int = 2              # units each actor encodes and writes at once (one thread each, own shards)
 
 
 @dataclass
@@ -292,6 +296,14 @@ def validate(cfg: Config) -> None:
     need(c.batch_size > 0, "cache.batch_size", "must be positive")
     need(1 <= c.clevel <= 9, "cache.clevel", "must be in 1..9")
     need(c.workers >= 1, "cache.workers", "must be >= 1")
+    need(c.writers >= 1, "cache.writers", "must be >= 1")
+    need(c.codec in ("none", "lz4", "zstd"), "cache.codec", f"{c.codec!r} is not one of none, lz4, zstd")
+    for item in c.codec_overrides:
+        name, sep, codec = item.partition("=")
+        need(bool(sep and name) and codec in ("none", "lz4", "zstd"), "cache.codec_overrides",
+             f"{item!r} is not NAME=CODEC (NAME an array or group such as features or features/layer3, "
+             f"CODEC one of none, lz4, zstd)")
+    need(c.feature_dtype in ("float16", "int8"), "cache.feature_dtype", f"{c.feature_dtype!r} is not float16 or int8")
     need(len(t.students) > 0, "train.students", "name at least one student")
     for s in t.students:
         need(s in STUDENTS, "train.students", f"{s!r} is not one of {', '.join(STUDENTS)}")

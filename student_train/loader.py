@@ -4,7 +4,8 @@
 different per epoch) and shuffles them; with `distributed` each rank takes its own slice of that
 order, as torch's DistributedSampler would. `StudentLoader` wraps FFCV's loader so that a dead
 loader thread or a stall becomes an exception within a bounded time, never a silent hang, and
-hands out torch tensors with features reinterpreted as float16.
+hands out torch tensors with float16 features reinterpreted from their int16 bits (int8 features
+and their scales as they are; `teacher_output` dequantises them on the device).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from queue import Empty
 
 import numpy as np
 import torch
+
+from teacher_cache.codecs import dequantize
 
 _THREAD_ERRORS: dict[int, BaseException] = {}
 _previous_hook = threading.excepthook
@@ -94,6 +97,8 @@ class StudentLoader:
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor
 
+        # an int8 field comes with the field of its scales
+        fields = list(fields) + [meta["fields"][f]["scale"] for f in fields if "scale" in meta["fields"][f]]
         self.meta, self.fields, self.timeout_s = meta, fields, timeout_s
         pipelines = {"image": [NDArrayDecoder(), ToTensor()], "view": [NDArrayDecoder(), ToTensor()],
                      "label": [IntDecoder(), ToTensor(), Squeeze()], "index": [IntDecoder(), ToTensor(), Squeeze()]}
@@ -123,6 +128,15 @@ class StudentLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def teacher_output(self, batch: dict, field: str, device) -> torch.Tensor:
+        """A cached teacher output of the batch on `device` as float16; int8 fields move as int8 (half the
+        bytes) and are dequantised there with their per-token scales."""
+        x = batch[field].to(device, non_blocking=True)
+        info = self.meta["fields"][field]
+        if info.get("dtype") != "int8":
+            return x
+        return dequantize(x, batch[info["scale"]].to(device, non_blocking=True), len(info["shape"]))
+
     def set_epoch(self, epoch: int) -> None:
         self.loader.next_epoch = epoch
 
@@ -150,7 +164,8 @@ class StudentLoader:
                 last = time.monotonic()
                 batch = dict(zip(self.names, result))
                 for f in self.names[4:]:
-                    batch[f] = batch[f].view(torch.float16)
+                    if self.meta["fields"][f].get("dtype", "float16") == "float16":
+                        batch[f] = batch[f].view(torch.float16)
                 yield batch
         finally:
             it.close()

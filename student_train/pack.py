@@ -4,7 +4,8 @@ One row per (image, view): the raw uint8 image, its label and index, the view pa
 every cached teacher output for that view. A row per view (rather than a row per image with all
 K views) means an epoch reads only the view it trains on: K times fewer feature bytes.
 FFCV's numba pipeline cannot decode float16, so features are stored as their int16 bit pattern
-and reinterpreted as float16 on the torch side (`loader.py`).
+and reinterpreted as float16 on the torch side (`loader.py`). int8 features (cache.feature_dtype)
+are packed as int8 beside their float16 scales and dequantised on the device in the student step.
 
 The file is rebuilt only when a cache changes: `data.json` beside it records the identity and
 per-shard checksums of the stores it was packed from.
@@ -32,7 +33,7 @@ def _source_digest(stores: dict[str, CacheStore]) -> str:
     for role, s in sorted(stores.items()):
         h.update(role.encode())
         h.update(json.dumps(s.attrs["identity"], sort_keys=True).encode())
-        h.update(s.group["units/crc32"][:].tobytes())
+        h.update(s.array("units/xxh3")[:].tobytes())
     return h.hexdigest()
 
 
@@ -58,7 +59,8 @@ class _Rows:
         for role, names in self.arrays.items():
             g = self._stores[role].group
             for a in names:
-                self._cache[(role, a)] = g[a][lo:hi].view(np.int16)
+                data = g[a][lo:hi]
+                self._cache[(role, a)] = data.view(np.int16) if data.dtype == np.float16 else data
         self._cached_unit, self._lo = unit, lo
 
     def __getitem__(self, row: int):
@@ -79,7 +81,7 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     from ffcv.writer import DatasetWriter
 
     opened = {role: CacheStore.open(p) for role, p in stores.items()}
-    for role, s in opened.items():
+    for role, s in opened.items():  # file checksums at disk speed: nothing is decoded twice
         problems = s.verify()
         if problems:
             raise StoreError(f"cache store {s.path} ({role}) is not usable: {problems[0]}. "
@@ -101,7 +103,8 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
         if meta.get("source_digest") == digest:
             return beton, meta
 
-    arrays = {role: ["logits"] + [f"features/{l}" for l in lay.layers] for role, lay in layouts.items()}
+    arrays = {role: [a for a in lay.arrays() if a == "logits" or a.startswith(("features/", "scales/"))]
+              for role, lay in layouts.items()}
     s = first.image_size
     fields = {"image": NDArrayField(np.dtype("uint8"), (s, s, 3)), "label": IntField(), "index": IntField(),
               "view": NDArrayField(np.dtype("float32"), (5,))}
@@ -109,11 +112,16 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     row_bytes = s * s * 3 + 5 * 4 + 16
     for role, names in arrays.items():
         for a in names:
-            shape, _ = layouts[role].arrays()[a]
+            shape, dtype = layouts[role].arrays()[a]
             fname = field_name(len(meta_fields))
-            fields[fname] = NDArrayField(np.dtype("int16"), tuple(shape[2:]))
-            meta_fields[fname] = {"role": role, "array": a, "shape": list(shape[2:])}
-            row_bytes += int(np.prod(shape[2:])) * 2
+            stored = np.dtype("int16") if dtype == "float16" else np.dtype(dtype)  # float16 as its bit pattern
+            fields[fname] = NDArrayField(stored, tuple(shape[2:]))
+            meta_fields[fname] = {"role": role, "array": a, "shape": list(shape[2:]), "dtype": dtype}
+            row_bytes += int(np.prod(shape[2:])) * stored.itemsize
+        for fname, info in meta_fields.items():  # an int8 feature names the field of its scales
+            if info["role"] == role and info["dtype"] == "int8":
+                scales = "scales/" + info["array"][len("features/"):]
+                info["scale"] = next(f for f, i in meta_fields.items() if i["role"] == role and i["array"] == scales)
     # every field of a row must fit in one page
     page_size = max(1 << 22, 1 << int(np.ceil(np.log2(row_bytes * 2 + 4096))))
     tmp = beton.with_suffix(".beton.tmp")

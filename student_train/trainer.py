@@ -224,7 +224,7 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
             x = x.contiguous(memory_format=torch.channels_last)
         teacher = {}
         if plan.get("field"):
-            cached = batch[plan["field"]].to(device, non_blocking=True)
+            cached = loader.teacher_output(batch, plan["field"], device)  # int8 is dequantised on the device
             if kind == "student_kd_vit":
                 teacher = live(cached)
             elif kind == "student_kd_cnn":

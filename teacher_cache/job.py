@@ -1,15 +1,19 @@
 """`hakd cache`: fit each teacher once, then run it over K views of every training image on Ray.
 
 Work is cut into shard-aligned units; each unit is computed and written by exactly one Ray actor
-(zarr loses data when two writers touch one shard). An actor hands a finished unit to its writer
-thread and starts computing the next, so compression and disk writes overlap compute. A unit is
-marked done only after its bytes are fsynced; re-running skips done units and rewrites the rest,
-so a killed job resumes and ends with the same store as an uninterrupted one.
+(zarr loses data when two writers touch one shard). An actor copies each batch's outputs into a
+reused host buffer (pinned, on a side CUDA stream) and hands a finished unit to one of its writer
+threads (`cache.writers`) while it computes the next, so encoding and disk writes overlap compute.
+A unit is marked done only after its bytes are fsynced, with each shard file's checksum taken as it
+was written; nothing is read back. Re-running verifies those checksums, rewrites damaged or missing
+units (and the ViT's `live_block/` weights, a unit of their own), and skips the rest, so a killed job
+resumes and ends with the same store as an uninterrupted one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from infra.config import Config, config_from_dict
+from infra.integrity import loads_tensors
 from infra.provenance import provenance
 from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.fit import build_teacher, fit_teacher, head_mode, load_fitted
-from teacher_cache.store import CacheStore, Layout
+from teacher_cache.codecs import parse_overrides, quantize, scale_shape
+from teacher_cache.store import CacheStore, Layout, StoreError
 from teacher_cache.views import apply_views, sample_views
 
 ROLES = ("teacher_vit", "teacher_cnn")
@@ -49,7 +55,16 @@ def plan(cfg: Config, role: str, n: int | None = None, teacher=None) -> Layout:
     layers = cached_layers(cfg, role, teacher)
     n = n if n is not None else len(load_split(cfg.data, "train")["labels"])
     return Layout(n, cfg.cache.views, cfg.data.image_size, len(class_names(cfg.data)),
-                  layer_shapes(teacher, layers), cfg.cache.shard_size, cfg.cache.chunk_size)
+                  layer_shapes(teacher, layers), cfg.cache.shard_size, cfg.cache.chunk_size, cfg.cache.feature_dtype)
+
+
+def open_store(cfg: Config, path: Path, layout: Layout, ident: dict, prov: dict, params: tuple[str, ...] = (),
+               overwrite: bool = False) -> CacheStore:
+    """The store at `path` as `hakd cache` creates it (codecs from cache.*), or the existing one for `ident`."""
+    c = cfg.cache
+    return CacheStore.create_or_open(path, layout, ident, prov, codec=c.codec,
+                                     codec_overrides=parse_overrides(c.codec_overrides), clevel=c.clevel,
+                                     params=params, overwrite=overwrite)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -71,18 +86,19 @@ def identity(cfg: Config, role: str, teacher, layout: Layout, data_fp: str) -> d
                       "flip_prob": c.flip_prob, "seed": cfg.data.seed},
             "dataset": {"name": cfg.data.name, "fingerprint": data_fp, "n": layout.n,
                         "image_size": cfg.data.image_size, "num_classes": layout.num_classes},
-            "shards": {"shard_size": layout.shard_size, "chunk_size": layout.chunk_size}}
+            "shards": {"shard_size": layout.shard_size, "chunk_size": layout.chunk_size},
+            "feature_dtype": layout.feature_dtype}
 
 
-def ensure_teacher(cfg: Config, role: str, out: Path, device: str, overwrite: bool) -> dict:
+def ensure_teacher(cfg: Config, role: str, out: Path, device: str) -> dict:
     """Fit the teacher unless a fit for the same teacher and data config is already saved."""
     info_path = Path(out) / "teachers" / f"{role}.json"
     c = cfg.cache  # the fit also depends on the seed and on the augmentation it trains with
     key = (cfg.digest(role, "data", "seed") + f":{list(c.crop_scale)}:{list(c.crop_ratio)}:{c.flip_prob}:"
            + head_mode(getattr(cfg, role)))
-    if info_path.is_file() and not overwrite:
+    if info_path.is_file():  # a fit for this key is reused, also under --overwrite: only another key refits
         info = json.loads(info_path.read_text())
-        if info.get("key") == key and (Path(out) / "teachers" / f"{role}.pt").is_file():
+        if info.get("key") == key and loads_tensors(Path(out) / "teachers" / f"{role}.pt"):
             return info
     info = fit_teacher(cfg, role, out, device=device)
     info["key"] = key
@@ -90,8 +106,32 @@ def ensure_teacher(cfg: Config, role: str, out: Path, device: str, overwrite: bo
     return info
 
 
+class UnitBuffers:
+    """Reused host buffers for the teacher outputs of whole units (pinned on CUDA), handed out one
+    unit at a time: a unit's buffer returns to the pool once its write has finished."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], rows: int, slots: int, pin: bool):
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(slots):
+            self.free.put({name: torch.empty((rows, *shape), dtype=dtype, pin_memory=pin)
+                           for name, (shape, dtype) in shapes.items()})
+
+    def acquire(self) -> dict[str, torch.Tensor]:
+        return self.free.get()  # blocks while every buffer is being written: back-pressure on compute
+
+    def release(self, slot: dict[str, torch.Tensor]) -> None:
+        self.free.put(slot)
+
+
 class CacheWorker:
-    """One Ray actor: a teacher in memory, a writer thread, and the units it is handed."""
+    """One Ray actor: a teacher in memory, reused host buffers, writer threads, and the units it is handed.
+
+    The byte path of a unit: each batch's outputs are cast on the device (float16, or int8 + scales),
+    copied into the unit's host buffer (on CUDA: on a side stream, so the copy of batch i overlaps the
+    compute of batch i + 1), and the full unit goes to a writer thread while the next unit is computed.
+    `cache.writers` units are encoded and written at once, each by one thread (its own shards), and
+    zarr encodes a shard's chunks on its own thread pool.
+    """
 
     def __init__(self, cfg_dict: dict, role: str, out: str, path: str, images, labels, views, device: str,
                  threads: int):
@@ -104,56 +144,118 @@ class CacheWorker:
         self.layers = cached_layers(self.cfg, role, self.teacher)
         self.store = CacheStore.open(path)
         self.images, self.labels, self.views = images, labels, views
-        self.writer = ThreadPoolExecutor(1)
-        self.pending = []
+        writers = self.cfg.cache.writers
+        self.writer = ThreadPoolExecutor(writers, thread_name_prefix="cache-writer")
+        self.pending: list = []
+        lay = self.store.layout
+        self.int8 = lay.feature_dtype == "int8"
+        shapes = {"logits": ((lay.views, lay.num_classes), torch.float16)}
+        for name, shape in lay.layers.items():
+            shapes[f"features/{name}"] = ((lay.views, *shape), torch.int8 if self.int8 else torch.float16)
+            if self.int8:
+                shapes[f"scales/{name}"] = ((lay.views, *scale_shape(shape)), torch.float16)
+        self.buffers = UnitBuffers(shapes, lay.shard_size, writers + 1, pin=device == "cuda")
+        self.copy_stream = torch.cuda.Stream() if device == "cuda" else None
+
+    def _unit_inputs(self, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit u's images and views on the device (one copy per unit, not per batch) and its (image, view) pairs."""
+        lo, hi = self.store.layout.unit_range(u)
+        images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
+        views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
+        if self.device == "cuda":  # from pinned memory: an asynchronous copy that does not stall the stream
+            images = images.pin_memory().to(self.device, non_blocking=True)
+            views = views.pin_memory().to(self.device, non_blocking=True)
+        k = self.store.layout.views
+        pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
+        return images, views, pairs.to(self.device)
 
     @torch.no_grad()
     def forward(self, u: int):
         """Yield the teacher's outputs (on the device) for unit u's (image, view) pairs, batch by batch."""
-        lo, hi = self.store.layout.unit_range(u)
-        k, bs = self.store.layout.views, self.cfg.cache.batch_size
-        images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
-        views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
-        pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
+        images, views, pairs = self._unit_inputs(u)
+        bs = self.cfg.cache.batch_size
         cuda = self.device == "cuda"
         for i in range(0, len(pairs), bs):
             idx, view = pairs[i:i + bs, 0], pairs[i:i + bs, 1]
-            x = apply_views(images[idx].to(self.device, non_blocking=True), views[idx, view], self.teacher.input_size)
+            x = apply_views(images[idx], views[idx, view], self.teacher.input_size)
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                 yield self.teacher.extract(x.contiguous(memory_format=torch.channels_last) if cuda else x, self.layers)
 
-    def compute(self, u: int) -> dict[str, np.ndarray]:
-        """Unit u's arrays on the host, ready to write."""
-        outs: dict[str, list] = {"logits": [], **{l: [] for l in self.layers}}
+    def _stored(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch's outputs as they are stored, still on the device: float16, or int8 + per-token scales."""
+        out = {"logits": feats["logits"].to(torch.float16)}
+        for name, shape in self.store.layout.layers.items():
+            if self.int8:
+                out[f"features/{name}"], out[f"scales/{name}"] = quantize(feats[name], len(shape))
+            else:
+                out[f"features/{name}"] = feats[name].to(torch.float16)
+        return out
+
+    def compute(self, u: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Unit u's arrays on the host, ready to write, and the buffer slot holding them (release it after)."""
+        slot = self.buffers.acquire()
+        rows = 0
         for feats in self.forward(u):
-            for name in outs:
-                outs[name].append(feats[name].to(torch.float16).cpu())
+            stored = self._stored(feats)
+            n = len(stored["logits"])  # image-views in this batch
+            self._to_host(stored, slot, rows, n)
+            rows += n
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # the last batch's copy: the unit is on the host
         lo, hi = self.store.layout.unit_range(u)
-        k = self.store.layout.views
         arrays = {"images": self.images[lo:hi], "labels": self.labels[lo:hi], "views": self.views[lo:hi]}
-        for name, parts in outs.items():
-            t = torch.cat(parts).view(hi - lo, k, *parts[0].shape[1:]).numpy()
-            arrays["logits" if name == "logits" else f"features/{name}"] = t
-        return arrays
+        k = self.store.layout.views
+        for name, buf in slot.items():
+            arrays[name] = buf.view(-1, *buf.shape[2:])[:rows].view(hi - lo, k, *buf.shape[2:]).numpy()
+        return arrays, slot
+
+    def _to_host(self, stored: dict[str, torch.Tensor], slot: dict[str, torch.Tensor], row: int, n: int) -> None:
+        """Copy one batch (n image-views from flat row `row` of the unit) into the unit's host buffer."""
+        if self.copy_stream is None:
+            for name, t in stored.items():
+                slot[name].view(-1, *slot[name].shape[2:])[row:row + n].copy_(t)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream())  # the batch is computed before it is copied
+        with torch.cuda.stream(self.copy_stream):
+            for name, t in stored.items():
+                slot[name].view(-1, *slot[name].shape[2:])[row:row + n].copy_(t, non_blocking=True)
+                t.record_stream(self.copy_stream)  # its memory is not reused before the copy has read it
+
+    def _write(self, u: int, arrays: dict[str, np.ndarray], slot: dict[str, torch.Tensor]) -> None:
+        try:
+            self.store.write_unit(u, arrays)
+        finally:
+            self.buffers.release(slot)
 
     def process(self, u: int) -> list[int]:
         """Compute unit u, queue its write, and report the units whose writes have finished."""
-        arrays = self.compute(u)
-        self.pending.append((u, self.writer.submit(self.store.write_unit, u, arrays)))
-        return self._finished(block=len(self.pending) > 1)
+        arrays, slot = self.compute(u)
+        self.pending.append((u, self.writer.submit(self._write, u, arrays, slot)))
+        return self._finished()
 
     def drain(self) -> list[int]:
-        return self._finished(block=True, all_=True)
+        return self._finished(wait=True)
 
-    def _finished(self, block: bool, all_: bool = False) -> list[int]:
-        done = []
-        while self.pending and (self.pending[0][1].done() or block):
-            u, fut = self.pending.pop(0)
-            fut.result()  # re-raises a failed write
-            done.append(u)
-            if not all_:
-                block = False
+    def _finished(self, wait: bool = False) -> list[int]:
+        """Units whose writes are done (all of them with `wait`); a failed write re-raises here."""
+        done, still = [], []
+        for u, fut in self.pending:
+            if wait or fut.done():
+                fut.result()
+                done.append(u)
+            else:
+                still.append((u, fut))
+        self.pending = still
         return done
+
+
+def written_for(path: Path, ident: dict) -> bool:
+    """True when the store at `path` exists and was written for exactly `ident`."""
+    try:
+        CacheStore.check_identity(path, ident)
+    except StoreError:
+        return False
+    return True
 
 
 def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
@@ -178,21 +280,24 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
             fresh = build_teacher(cfg, role)
             CacheStore.check_identity(path, identity(cfg, role, fresh, plan(cfg, role, len(train["labels"]), fresh),
                                                      data_fp), ignore=("weights_sha256",))
-        info = ensure_teacher(cfg, role, out, device if torch.cuda.is_available() else "cpu", overwrite)
+        info = ensure_teacher(cfg, role, out, device if torch.cuda.is_available() else "cpu")
         teacher = load_fitted(cfg, role, out)
         layout = plan(cfg, role, len(train["labels"]), teacher)
-        store = CacheStore.create_or_open(path, layout, identity(cfg, role, teacher, layout, data_fp),
-                                          provenance(cfg), cfg.cache.clevel, overwrite=overwrite)
-        if teacher.spec.kind == "vit" and "live_block" not in store.group:
-            last = teacher.net.blocks[-1]
-            store.write_params("live_block", {k: v.numpy() for k, v in last.state_dict().items()})
+        vit = teacher.spec.kind == "vit"
+        ident = identity(cfg, role, teacher, layout, data_fp)
+        # --overwrite replaces a store written for another identity; one for this identity is kept and resumed
+        store = open_store(cfg, path, layout, ident, provenance(cfg), params=("live_block",) if vit else (),
+                           overwrite=overwrite and not written_for(path, ident))
+        if vit and store.param_problems("live_block"):  # never written, or a run died while writing it
+            store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
         store.mark_pending(store.bad_units())  # repair: damaged shards are rewritten
         todo = store.pending_units()
         if todo:
             _run_units(cfg, role, out, path, todo, refs, gpus, desc=f"cache {role} ({teacher.spec.name})")
-        problems = store.verify()
-        if problems:
-            raise RuntimeError(f"cache store {path} failed verification after writing: {problems[0]}")
+        # each unit was checksummed as written and marked done only once durable: nothing is read back
+        left = store.pending_units()
+        if left:
+            raise RuntimeError(f"cache store {path}: units {left} were not written; re-run `hakd cache`")
         store.update_attrs(teacher_accuracy={"clean": info["clean_accuracy"], "head": info["mode"]},
                            complete=True)
         summary[role] = {"store": str(path), "units_written": len(todo), "units": layout.units,
@@ -208,19 +313,19 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path, todo: list[int], r
     actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(CacheWorker)
     actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads)
               for _ in range(n_workers)]
-    queue = list(todo)
+    waiting = list(todo)
     inflight = {}
     bar = tqdm(total=len(todo), desc=desc, unit="shard")
     try:
         for a in actors:
-            if queue:
-                inflight[a.process.remote(queue.pop(0))] = a
+            if waiting:
+                inflight[a.process.remote(waiting.pop(0))] = a
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(ready[0])
             bar.update(len(ray.get(ready[0])))
-            if queue:
-                inflight[actor.process.remote(queue.pop(0))] = actor
+            if waiting:
+                inflight[actor.process.remote(waiting.pop(0))] = actor
         for done in ray.get([a.drain.remote() for a in actors]):
             bar.update(len(done))
     finally:

@@ -1,7 +1,7 @@
 """`hakd cache --dry-run`: what the cache will cost on disk, before any work.
 
 Exact uncompressed bytes from the layer shapes, and a compressed estimate from compressing one
-sample batch of each array with the configured codec (Blosc zstd + bitshuffle). Features are
+sample batch of each array with its configured codec (`cache.codec`, `cache.codec_overrides`). Features are
 measured on the unfitted teacher, so the estimate is indicative: trained features of real images
 compressed 1.03-1.09x in our measurements (shared/NOTES.md), i.e. barely.
 """
@@ -14,6 +14,7 @@ from numcodecs import Blosc
 from infra.config import Config
 from teacher_cache.datasets import load_split
 from teacher_cache.fit import build_teacher
+from teacher_cache.codecs import codec_for, parse_overrides, quantize
 from teacher_cache.job import ROLES, plan
 from teacher_cache.views import apply_views, sample_views
 
@@ -29,10 +30,11 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def _ratio(a: np.ndarray, clevel: int) -> float:
-    codec = Blosc(cname="zstd", clevel=clevel, shuffle=Blosc.BITSHUFFLE)
+def _ratio(a: np.ndarray, codec: str, clevel: int) -> float:
+    if codec == "none":
+        return 1.0
     raw = np.ascontiguousarray(a)
-    return raw.nbytes / max(1, len(codec.encode(raw)))
+    return raw.nbytes / max(1, len(Blosc(cname=codec, clevel=clevel, shuffle=Blosc.BITSHUFFLE).encode(raw)))
 
 
 def size_report(cfg: Config) -> str:
@@ -54,14 +56,21 @@ def size_report(cfg: Config) -> str:
         x = apply_views(torch.from_numpy(sample), views, teacher.input_size)
         with torch.no_grad():
             out = teacher.extract(x, list(layout.layers))
-        samples = {"images": sample, "logits": out["logits"].half().numpy(),
-                   **{f"features/{l}": out[l].half().numpy() for l in layout.layers}}
+        samples = {"images": sample, "logits": out["logits"].half().numpy()}
+        for l, shape in layout.layers.items():
+            if cfg.cache.feature_dtype == "int8":
+                q, scale = quantize(out[l], len(shape))
+                samples[f"features/{l}"], samples[f"scales/{l}"] = q.numpy(), scale.numpy()
+            else:
+                samples[f"features/{l}"] = out[l].half().numpy()
+        overrides = parse_overrides(cfg.cache.codec_overrides)
         lines.append(f"{role}: {teacher.spec.name} at {teacher.input_size} px")
         lines.append(f"  {'array':<24} {'shape per image':<18} {'bytes/sample':>14} {'total raw':>12} {'est. stored':>12}")
         role_raw = role_est = 0.0
         for name, per_sample in layout.bytes_per_sample().items():
             shape = layout.arrays()[name][0][1:]
-            ratio = _ratio(samples[name], cfg.cache.clevel) if name in samples else 1.0
+            codec = codec_for(name, cfg.cache.codec, overrides)
+            ratio = _ratio(samples[name], codec, cfg.cache.clevel) if name in samples else 1.0
             raw = per_sample * n
             role_raw += raw
             role_est += raw / ratio
@@ -70,6 +79,8 @@ def size_report(cfg: Config) -> str:
         lines.append("")
         grand_raw += role_raw
         grand_est += role_est
+    codecs = ", ".join([f"default {cfg.cache.codec}", *cfg.cache.codec_overrides])
     lines.append(f"all stores: {_human(grand_raw)} uncompressed, about {_human(grand_est)} stored "
-                 f"(Blosc zstd level {cfg.cache.clevel}, bitshuffle); the FFCV file adds about the same again")
+                 f"(codecs: {codecs}; Blosc level {cfg.cache.clevel}, bitshuffle); "
+                 f"the FFCV file adds about the same again")
     return "\n".join(lines)

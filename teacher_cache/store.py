@@ -5,30 +5,46 @@ Layout of `OUT/cache/<teacher>.zarr` (N images, K views, C classes):
   labels        (N,)         int64
   views         (N, K, 5)    float32   (y0, x0, h, w, flip) per view, see views.py
   logits        (N, K, C)    float16
-  features/<l>  (N, K, ...)  float16   one array per cached layer
+  features/<l>  (N, K, ...)  float16   one array per cached layer (int8 with cache.feature_dtype: int8)
+  scales/<l>    (N, K, ...)  float16   int8 only: one scale per token of features/<l> (teacher_cache/codecs.py)
   live_block/<p>             float32   ViT only: weights of the block the trainer runs live
   units/done    (U,)         uint8     1 once unit u is durably written (one chunk per unit)
-  units/crc32   (U, A)       int64     crc32 of each array's bytes in unit u, recorded at write time
+  units/xxh3    (U, A)       uint64    XXH3-64 of the shard FILE of array a in unit u, as it was written
+                                       (0: no file, zarr writes none for an all-zero shard)
 A unit is one shard along N: the unit of work, of writing (one writer per shard, as zarr requires)
-and of repair. Group attributes hold the identity (what must match for the store to be reused)
-and the provenance (versions, commit, config).
+and of repair. Every chunk, every shard index and the unit tables carry zarr's own CRC-32C, so zarr
+rejects a damaged chunk when it reads it; the recorded file checksums let `verify` check the whole
+store at disk speed without decoding anything. The file checksum is XXH3-64, not CRC-32C: a file made
+of CRC-32C-terminated chunks has the same CRC-32C whatever the chunks hold (CRC(m + CRC(m)) is a
+constant), so a file CRC-32C would miss every consistent rewrite; XXH3 is also twice as fast. Parameter groups (`live_block/`) are written as a
+unit too: their files' checksums are recorded in the group attributes only once they are durable.
+Group attributes hold the identity (what must match for the store to be reused), the provenance
+(versions, commit, config) and the parameter groups' checksums.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import zlib
+import threading
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, WrapperStore
 
 from infra.errors import UserError
+from teacher_cache.codecs import codec_for, scale_shape, zarr_compressors
 
-FORMAT = "hakd-cache/1"
+FORMAT = "hakd-cache/2"
+UNIT_TABLES = ("units/done", "units/xxh3")
+NO_FILE = 0  # recorded checksum of a shard zarr did not write: every value equals the fill value (0)
 
 
 class StoreError(UserError, RuntimeError):
@@ -44,6 +60,7 @@ class Layout:
     layers: dict[str, tuple[int, ...]]   # per-view feature shape of each cached layer
     shard_size: int
     chunk_size: int
+    feature_dtype: str = "float16"       # float16 | int8 (with a float16 scale per token in scales/<layer>)
 
     @property
     def units(self) -> int:
@@ -58,48 +75,87 @@ class Layout:
         out = {"images": ((self.n, s, s, 3), "uint8"), "labels": ((self.n,), "int64"),
                "views": ((self.n, k, 5), "float32"), "logits": ((self.n, k, self.num_classes), "float16")}
         for name, shape in self.layers.items():
-            out[f"features/{name}"] = ((self.n, k, *shape), "float16")
+            out[f"features/{name}"] = ((self.n, k, *shape), self.feature_dtype)
+        if self.feature_dtype == "int8":
+            for name, shape in self.layers.items():
+                out[f"scales/{name}"] = ((self.n, k, *scale_shape(shape)), "float16")
         return out
 
     def bytes_per_sample(self) -> dict[str, int]:
         return {name: int(np.prod(shape[1:])) * np.dtype(dt).itemsize for name, (shape, dt) in self.arrays().items()}
 
 
-def crc32(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).tobytes())
+def file_checksum(data) -> int:
+    """XXH3-64 of a file's bytes (a bytes-like object or a contiguous uint8 array)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class _ChecksummingStore(WrapperStore):
+    """A zarr store that records the checksum of every value it writes (key -> XXH3-64) as it writes it,
+    and the seconds spent checksumming and writing (the cache benchmark's breakdown)."""
+
+    def __init__(self, store, seconds: dict[str, float]):
+        super().__init__(store)
+        self.written: dict[str, int] = {}
+        self.seconds = seconds
+
+    async def set(self, key, value) -> None:
+        t0 = time.perf_counter()
+        self.written[key] = file_checksum(value.as_numpy_array())
+        t1 = time.perf_counter()
+        await self._store.set(key, value)
+        self.seconds["checksum"] += t1 - t0
+        self.seconds["store_write"] += time.perf_counter() - t1
+
+
+def shard_key(name: str, ndim: int, u: int) -> str:
+    """The store key of unit u's one shard of array `name` (shards span every other axis)."""
+    return f"{name}/c/{u}" + "/0" * (ndim - 1)
 
 
 class CacheStore:
     """Create, open, write and verify one teacher's cache group."""
 
-    def __init__(self, path: Path, group: zarr.Group, layout: Layout):
-        self.path, self.group, self.layout = Path(path), group, layout
+    def __init__(self, path: Path, group: zarr.Group, layout: Layout, zstore: _ChecksummingStore):
+        self.path, self.group, self.layout, self._zstore = Path(path), group, layout, zstore
         self.names = list(layout.arrays())
+        # seconds spent writing, by stage, summed over threads: assign (zarr encodes, checksums and writes),
+        # checksum and store_write (inside assign), fsync
+        self.seconds = zstore.seconds
+        self._handles: dict[str, zarr.Array] = {}
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ opening
+    @staticmethod
+    def _open_zarr(path: Path, mode: str) -> tuple[zarr.Group, _ChecksummingStore]:
+        zstore = _ChecksummingStore(LocalStore(str(path)), defaultdict(float))
+        return zarr.open_group(store=zstore, mode=mode, zarr_format=3), zstore
+
     @classmethod
     def create_or_open(cls, path: str | Path, layout: Layout, identity: dict, provenance: dict,
-                       clevel: int = 3, overwrite: bool = False) -> "CacheStore":
+                       codec: str = "zstd", codec_overrides: dict[str, str] | None = None, clevel: int = 3,
+                       params: tuple[str, ...] = (), overwrite: bool = False) -> "CacheStore":
         """Open the store at `path` if it was written for the same identity, else create it.
 
+        `codec` is every array's codec unless `codec_overrides` (array or group name -> codec) says
+        otherwise; `params` names the parameter groups the store must hold to be complete.
         A store for another identity is refused (never mixed) unless `overwrite`.
         """
         path = Path(path)
         if path.exists() and not overwrite:
             return cls.check_identity(path, identity)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        compressor = BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle")
+        group, zstore = cls._open_zarr(path, "w")
         for name, (shape, dtype) in layout.arrays().items():
-            chunks = (layout.chunk_size, *shape[1:])
-            shards = (layout.shard_size, *shape[1:])
-            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                               compressors=compressor, fill_value=0)
-        group.create_array("units/done", shape=(layout.units,), dtype="uint8", chunks=(1,), fill_value=0)
-        group.create_array("units/crc32", shape=(layout.units, len(layout.arrays())), dtype="int64",
-                           chunks=(1, len(layout.arrays())), fill_value=-1)
+            group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk_size, *shape[1:]),
+                               shards=(layout.shard_size, *shape[1:]), fill_value=0,
+                               compressors=zarr_compressors(codec_for(name, codec, codec_overrides or {}), clevel))
+        group.create_array("units/done", shape=(layout.units,), dtype="uint8", chunks=(1,), fill_value=0,
+                           compressors=[Crc32cCodec()])
+        group.create_array("units/xxh3", shape=(layout.units, len(layout.arrays())), dtype="uint64",
+                           chunks=(1, len(layout.arrays())), fill_value=NO_FILE, compressors=[Crc32cCodec()])
         group.attrs.update({"format": FORMAT, "identity": _jsonable(identity), "layout": _layout_json(layout),
-                            "provenance": _jsonable(provenance)})
-        return cls(path, group, layout)
+                            "provenance": _jsonable(provenance), "params_expected": list(params), "params": {}})
+        return cls(path, group, layout, zstore)
 
     @classmethod
     def check_identity(cls, path: str | Path, identity: dict, ignore: tuple[str, ...] = ()) -> "CacheStore":
@@ -120,30 +176,44 @@ class CacheStore:
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path} is not a hakd cache store (no zarr.json); run `hakd cache` to write one")
         try:
-            group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+            group, zstore = cls._open_zarr(path, "r+")
             attrs = dict(group.attrs)
         except Exception as e:  # unreadable metadata: say so instead of a zarr traceback
             raise StoreError(f"cannot read cache store {path}: {e}; delete it and re-run `hakd cache`") from None
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{path} is not a {FORMAT} store (format {attrs.get('format')!r}); re-run `hakd cache`")
+            raise StoreError(f"{path} is a cache store of format {attrs.get('format')!r}, this hakd reads {FORMAT}; "
+                             f"re-run `hakd cache --overwrite` (or delete {path}) to write it again")
         lj = attrs["layout"]
         layout = Layout(lj["n"], lj["views"], lj["image_size"], lj["num_classes"],
-                        {k: tuple(v) for k, v in lj["layers"].items()}, lj["shard_size"], lj["chunk_size"])
-        return cls(path, group, layout)
+                        {k: tuple(v) for k, v in lj["layers"].items()}, lj["shard_size"], lj["chunk_size"],
+                        lj["feature_dtype"])
+        return cls(path, group, layout, zstore)
 
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
 
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array `name`, opened once (each opening reads its metadata)."""
+        with self._lock:
+            if name not in self._handles:
+                self._handles[name] = self.group[name]
+            return self._handles[name]
+
     # ------------------------------------------------------------------ writing
     def done_units(self) -> np.ndarray:
-        return self.group["units/done"][:].astype(bool)
+        return self.array("units/done")[:].astype(bool)
 
     def pending_units(self) -> list[int]:
         return [int(u) for u in np.flatnonzero(~self.done_units())]
 
     def write_unit(self, u: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write every array of unit u, make it durable, then (and only then) mark it done."""
+        """Write every array of unit u, make it durable, then (and only then) mark it done.
+
+        The checksum of each shard file is taken from the bytes as they go to the store, so nothing
+        is read back. Several units may be written at once from different threads (each its own
+        shards); one unit must never be written by two.
+        """
         lo, hi = self.layout.unit_range(u)
         datas = {}  # read and checked before anything on disk changes
         for name in self.names:
@@ -151,45 +221,70 @@ class CacheStore:
             data = np.asarray(arrays[name]).astype(dtype, copy=False)
             if data.shape != (hi - lo, *shape[1:]):
                 raise StoreError(f"unit {u}: array {name} has shape {data.shape}, expected {(hi - lo, *shape[1:])}")
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise StoreError(f"unit {u}: array {name} holds NaN or Inf values (the teacher's output "
+                                 f"overflowed); nothing was written")
             datas[name] = data
-        self.group["units/done"][u] = 0
+        self.array("units/done")[u] = 0
         self._remove_unit(u)  # zarr reads an existing shard before rewriting it: a damaged one would block repair
-        crcs = []
+        keys = [shard_key(name, len(self.layout.arrays()[name][0]), u) for name in self.names]
+        t0 = time.perf_counter()
         for name in self.names:
-            self.group[name][lo:hi] = datas[name]
-            crcs.append(crc32(datas[name]))
-        self._fsync_unit(u, self.names)
-        self.group["units/crc32"][u] = np.array(crcs, dtype=np.int64)
-        self.group["units/done"][u] = 1
-        self._fsync_unit(u, ["units/crc32", "units/done"])
+            self.array(name)[lo:hi] = datas[name]
+        t1 = time.perf_counter()
+        self._fsync(keys)
+        self._add("assign", t1 - t0)  # encode + checksum + store_write (the store's set() times the last two)
+        self._add("fsync", time.perf_counter() - t1)
+        sums = [self._zstore.written.pop(key, NO_FILE) for key in keys]
+        tables = [f"units/xxh3/c/{u}/0", f"units/done/c/{u}"]
+        self.array("units/xxh3")[u] = np.array(sums, dtype=np.uint64)
+        self.array("units/done")[u] = 1
+        self._fsync(tables)
+        for key in tables:
+            self._zstore.written.pop(key, None)
+
+    def _add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
 
     def _remove_unit(self, u: int) -> None:
         for name in self.names:
-            shard = self.path / name / "c" / str(u)  # the one shard of unit u (shards span all other axes)
-            if shard.is_dir():
-                shutil.rmtree(shard)
-            elif shard.exists():
-                shard.unlink()
+            sync(self._zstore.delete(shard_key(name, len(self.layout.arrays()[name][0]), u)))
 
-    def _fsync_unit(self, u: int, arrays: list[str]) -> None:
-        """fsync the files of unit u in the given arrays (only those: cost stays per unit)."""
-        for name in arrays:
-            chunk = self.path / name / "c" / str(u)
-            for f in (chunk.rglob("*") if chunk.is_dir() else [chunk]):
-                if f.is_file():
-                    fd = os.open(f, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+    def _fsync(self, keys: list[str]) -> None:
+        """fsync the files of the given keys (only those: the cost stays per unit)."""
+        for key in keys:
+            f = self.path / key
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def params_complete(self, prefix: str) -> bool:
+        return prefix in self.group.attrs.get("params", {})
 
     def write_params(self, prefix: str, state: dict[str, np.ndarray]) -> None:
+        """Write a parameter group as one unit: unmarked, rewritten, fsynced, then recorded with checksums."""
+        record = dict(self.group.attrs.get("params", {}))
+        record.pop(prefix, None)
+        self.group.attrs["params"] = record  # not complete until the end
+        for key in self._keys(prefix + "/"):
+            sync(self._zstore.delete(key))
         for k, v in state.items():
-            self.group.create_array(f"{prefix}/{k}", data=np.asarray(v, dtype=np.float32), overwrite=True)
+            self.group.create_array(f"{prefix}/{k}", data=np.asarray(v, dtype=np.float32), overwrite=True,
+                                    compressors=[Crc32cCodec()])
+        files = {key: self._zstore.written.pop(key) for key in list(self._zstore.written)
+                 if key.startswith(prefix + "/")}
+        self._fsync(list(files))
+        self.group.attrs["params"] = {**record, prefix: files}
+        self._fsync(["zarr.json"])
 
     def read_params(self, prefix: str) -> dict[str, np.ndarray]:
-        if prefix not in self.group:
-            raise StoreError(f"cache store {self.path} has no {prefix}/ group; re-run `hakd cache --overwrite`")
+        if not self.params_complete(prefix) or prefix not in self.group:
+            raise StoreError(f"cache store {self.path} has no complete {prefix}/ group; re-run `hakd cache` "
+                             f"with the same config and --out to write it")
         g = self.group[prefix]
         return {k: g[k][...] for k in g.array_keys()}
 
@@ -197,50 +292,96 @@ class CacheStore:
         self.group.attrs.update(_jsonable(kw))
 
     # ------------------------------------------------------------------ checking
+    def _keys(self, prefix: str = "") -> list[str]:
+        async def collect():
+            return [k async for k in self._zstore.list_prefix(prefix)]
+        return sync(collect())
+
+    def _read(self, key: str):
+        buf = sync(self._zstore.get(key, prototype=default_buffer_prototype()))
+        return None if buf is None else buf.as_numpy_array()
+
     def verify(self, units: list[int] | None = None) -> list[str]:
-        """Problems found (empty = healthy): incomplete units, shape/dtype drift, NaN/Inf, checksum mismatch."""
+        """Problems found (empty = healthy): incomplete units, shape/dtype drift, damaged or unverified files.
+
+        Every file the store holds is checked: each unit's shard files and each parameter group's files
+        against the checksum recorded when they were written (read at disk speed, nothing decoded); the
+        unit tables by zarr's own CRC-32C as they are read. A file covered by none of these (for
+        example one left by a run killed while writing parameters) is reported too.
+        """
         problems = []
         for name, (shape, dtype) in self.layout.arrays().items():
             if name not in self.group:
                 problems.append(f"array {name} is missing")
                 continue
-            a = self.group[name]
+            a = self.array(name)
             if tuple(a.shape) != shape or str(a.dtype) != dtype:
                 problems.append(f"array {name} is {a.dtype}{tuple(a.shape)}, expected {dtype}{shape}")
         if problems:
             return problems
-        done = self.done_units()
-        crc = self.group["units/crc32"][:]
+        try:
+            done = self.done_units()
+            sums = self.array("units/xxh3")[:]
+        except Exception as e:  # zarr's CRC-32C rejects a damaged table chunk
+            return [f"the unit tables are unreadable ({type(e).__name__}: {e})"]
         for u in (range(self.layout.units) if units is None else units):
             lo, hi = self.layout.unit_range(u)
             if not done[u]:
                 problems.append(f"unit {u} (samples {lo}:{hi}) is incomplete")
                 continue
             for j, name in enumerate(self.names):
-                try:
-                    data = self.group[name][lo:hi]
-                except Exception as e:
-                    problems.append(f"unit {u} array {name}: unreadable ({type(e).__name__}: {e})")
-                    continue
-                if data.dtype.kind == "f" and not np.isfinite(data).all():
-                    problems.append(f"unit {u} array {name}: NaN or Inf values")
-                if crc32(data) != crc[u, j]:
+                data = self._read(shard_key(name, len(self.layout.arrays()[name][0]), u))
+                if data is None:
+                    if sums[u, j] != NO_FILE:
+                        problems.append(f"unit {u} array {name}: shard file missing")
+                elif file_checksum(data) != sums[u, j]:
                     problems.append(f"unit {u} array {name}: checksum mismatch (shard damaged)")
+        if units is None:
+            problems += self.param_problems() + self._uncovered()
         return problems
+
+    def param_problems(self, prefix: str | None = None) -> list[str]:
+        """Problems of the parameter groups (all, or the one named): missing, incomplete or damaged files."""
+        attrs = self.group.attrs
+        record, expected = attrs.get("params", {}), attrs.get("params_expected", [])
+        problems = []
+        for p in ([prefix] if prefix else sorted(set(expected) | set(record))):
+            if p not in record:
+                problems.append(f"parameters {p}/ are missing or were not completely written")
+                continue
+            for key, want in record[p].items():
+                data = self._read(key)
+                if data is None:
+                    problems.append(f"parameters {p}/: file {key} missing")
+                elif file_checksum(data) != want:
+                    problems.append(f"parameters {p}/: file {key} checksum mismatch (damaged)")
+        return problems
+
+    def _uncovered(self) -> list[str]:
+        shards = {f"{name}/c/" for name in self.names}
+        params = {k for files in self.group.attrs.get("params", {}).values() for k in files}
+        out = []
+        for key in self._keys():
+            if key.endswith("zarr.json") or key in params or any(key.startswith(s) for s in shards) or \
+                    any(key.startswith(t + "/c/") for t in UNIT_TABLES):
+                continue
+            out.append(f"file {key} is covered by no recorded checksum (left by an interrupted write)")
+        return out
 
     def bad_units(self) -> list[int]:
         """Units that fail verification (to be marked pending and rewritten)."""
-        return sorted({int(p.split()[1]) for p in self.verify() if p.startswith("unit ")})
+        return sorted({int(p.split()[1]) for p in self.verify(list(range(self.layout.units)))
+                       if p.startswith("unit ")})
 
     def mark_pending(self, units: list[int]) -> None:
         for u in units:
-            self.group["units/done"][u] = 0
+            self.array("units/done")[u] = 0
 
 
 def _layout_json(layout: Layout) -> dict:
     return {"n": layout.n, "views": layout.views, "image_size": layout.image_size,
             "num_classes": layout.num_classes, "layers": {k: list(v) for k, v in layout.layers.items()},
-            "shard_size": layout.shard_size, "chunk_size": layout.chunk_size}
+            "shard_size": layout.shard_size, "chunk_size": layout.chunk_size, "feature_dtype": layout.feature_dtype}
 
 
 def _jsonable(d):

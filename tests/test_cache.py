@@ -19,7 +19,7 @@ import zarr
 from infra.cli import main as cli_main
 from infra.config import load_config
 from teacher_cache.job import ROLES, run_cache, store_path
-from teacher_cache.store import CacheStore, Layout, StoreError, crc32
+from teacher_cache.store import CacheStore, Layout, StoreError, file_checksum
 from teacher_cache.teachers import (TEACHERS, Teacher, WeightsMissing, find_weights, get_spec,
                                     load_backbone_weights)
 from teacher_cache.views import apply_views, sample_views, to_float_nchw
@@ -121,19 +121,18 @@ def test_store_round_trip_layout_and_codec(tmp_path):
     for layer in LAYOUT.layers:
         assert store.group[f"features/{layer}"].dtype == np.float16
     assert store.group["logits"].dtype == np.float16
-    # crc32 column j of unit u is the checksum of array j's bytes in that unit
-    crc = store.group["units/crc32"][...]
+    # column j of unit u is the checksum of array j's shard file of that unit, as written
+    sums = store.group["units/xxh3"][...]
     for u in range(LAYOUT.units):
-        lo, hi = LAYOUT.unit_range(u)
-        assert [crc32(want[n][lo:hi]) for n in store.names] == crc[u].tolist()
+        assert [file_checksum(shard_files(path, n, u)[0].read_bytes()) for n in store.names] == sums[u].tolist()
 
     attrs = store.attrs
-    assert attrs["format"] == "hakd-cache/1"
+    assert attrs["format"] == "hakd-cache/2"
     assert attrs["identity"] == json.loads(json.dumps(IDENTITY))  # tuples stored as lists
     assert attrs["provenance"] == PROVENANCE
     assert attrs["layout"] == {"n": 40, "views": 3, "image_size": 8, "num_classes": 10,
                                "layers": {"blocks.2": [5, 6], "layer3": [4, 3, 3]},
-                               "shard_size": 16, "chunk_size": 8}
+                               "shard_size": 16, "chunk_size": 8, "feature_dtype": "float16"}
 
     # chunks, shards and codec, from the arrays' own metadata and from zarr.json on disk
     for name, (shape, _) in LAYOUT.arrays().items():
@@ -145,8 +144,10 @@ def test_store_round_trip_layout_and_codec(tmp_path):
         (sharding,) = meta["codecs"]
         assert sharding["name"] == "sharding_indexed"
         assert sharding["configuration"]["chunk_shape"] == [8, *shape[1:]]
+        inner = [c["name"] for c in sharding["configuration"]["codecs"]]
+        assert inner == ["bytes", "blosc", "crc32c"], name  # zarr checks every chunk on read
+        assert [c["name"] for c in sharding["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
         blosc = [c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc"]
-        assert len(blosc) == 1, name
         assert blosc[0]["configuration"]["cname"] == "zstd"
         assert blosc[0]["configuration"]["shuffle"] == "bitshuffle"
         assert blosc[0]["configuration"]["clevel"] == 5
@@ -187,12 +188,16 @@ def test_verify_reports_damage_incomplete_and_nan(tmp_path, capsys):
     assert "unit 2 (samples 32:40) is incomplete" in store.verify()
     assert store.bad_units() == [1, 2]
 
-    # NaN written through zarr (the recorded crc is not updated): both the NaN and the crc are reported
-    store.group["logits"][3, 1, 4] = np.nan
-    problems = store.verify()
-    assert "unit 0 array logits: NaN or Inf values" in problems
-    assert "unit 0 array logits: checksum mismatch (shard damaged)" in problems
+    # a value changed through zarr (the recorded checksum is not updated) is reported
+    store.group["logits"][3, 1, 4] = 7.0
+    assert "unit 0 array logits: checksum mismatch (shard damaged)" in store.verify()
     assert store.bad_units() == [0, 1, 2]
+    # NaN or Inf from a teacher is refused before anything is written
+    bad = random_unit(LAYOUT, 0, np.random.default_rng(2))
+    bad["features/layer3"][0, 0, 0, 0, 0] = np.inf
+    with pytest.raises(StoreError, match="unit 0: array features/layer3 holds NaN or Inf"):
+        store.write_unit(0, bad)
+    assert store.done_units().tolist() == [True, True, False]
 
 
 def test_write_unit_replaces_truncated_shards(tmp_path):
@@ -239,7 +244,8 @@ def run_copy(base_run, tmp_path):
 @pytest.fixture(scope="module")
 def damaged_rerun(base_run, tmp_path_factory):
     """A copy of the base run, damaged, then `run_cache` again (one re-run serves tests 3 and 4):
-    - ViT store: bytes in the middle of unit 1's feature shard overwritten (a damaged disk);
+    - ViT store: bytes in the middle of unit 1's feature shard and of a live_block file overwritten
+      (a damaged disk);
     - CNN store: the job was killed while writing unit 1: done flag 0, the first arrays' shards
       half written (truncated), the later ones not written at all.
     Returns (cfg, out, snaps of the base run, summary, mtimes of the ViT's unit-0 shards before)."""
@@ -253,6 +259,11 @@ def damaged_rerun(base_run, tmp_path_factory):
     (f,) = shard_files(vit, f"features/{layer}", 1)
     corrupt_middle(f)
     assert store.bad_units() == [1] and store.pending_units() == []
+    # and the frozen block's weights: one of their chunk files damaged the same way
+    weights = max((p for p in (vit / "live_block").rglob("*") if p.is_file() and p.name != "zarr.json"),
+                  key=lambda p: p.stat().st_size)
+    corrupt_middle(weights)
+    assert store.param_problems("live_block")
     unit0 = {str(p): p.stat().st_mtime_ns for name in store.names for p in shard_files(vit, name, 0)}
 
     cnn = store_path(out, cfg, "teacher_cnn")
@@ -298,7 +309,7 @@ def test_repair_rewrites_only_the_damaged_unit(damaged_rerun):
     assert summary["teacher_vit"]["units_written"] == 1
     vit = store_path(out, cfg, "teacher_vit")
     assert CacheStore.open(vit).verify() == []
-    assert_same_arrays(snapshot(vit), snaps["teacher_vit"])
+    assert_same_arrays(snapshot(vit), snaps["teacher_vit"])  # live_block/ included: rewritten as a unit
     assert {p: Path(p).stat().st_mtime_ns for p in unit0} == unit0  # unit 0 was not rewritten
 
 
@@ -334,9 +345,9 @@ def test_teacher_fit_is_reused_only_for_the_same_fit(base_run, tmp_path):
     shutil.copytree(base_out / "teachers", tmp_path / "teachers")
     pt = tmp_path / "teachers" / "teacher_vit.pt"
     before = file_states(tmp_path / "teachers")
-    ensure_teacher(small_cfg("cache.views=2", "cache.shard_size=16"), "teacher_vit", tmp_path, "cpu", False)
+    ensure_teacher(small_cfg("cache.views=2", "cache.shard_size=16"), "teacher_vit", tmp_path, "cpu")
     assert file_states(tmp_path / "teachers") == before  # the fit does not depend on K or the shards
-    ensure_teacher(small_cfg("seed=1"), "teacher_vit", tmp_path, "cpu", False)  # the fit's own seed
+    ensure_teacher(small_cfg("seed=1"), "teacher_vit", tmp_path, "cpu")  # the fit's own seed
     refit = hashlib.sha256(pt.read_bytes()).hexdigest()
     assert refit != hashlib.sha256((base_out / "teachers" / "teacher_vit.pt").read_bytes()).hexdigest()
 

@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,12 @@ class Profile:
     analyze_test_size: int = 300   # test images the analysis tasks read
     analyze_repeats: int = 2
     threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
+    store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
+    codec: str = "zstd"            # cache: cache.codec of the bench stores
+    codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
+    feature_dtype: str = "float16"  # cache: cache.feature_dtype
+    writers: int = 2               # cache: cache.writers (units written at once per worker)
+    disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
 
 
 PROFILES = {
@@ -66,12 +73,13 @@ PROFILES = {
     "gpu": Profile("gpu", device="cuda", vit="vit_b16_clip", cnn="wrn101", student="resnet50", image_size=224,
                    n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
                    loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
-                   train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12),
+                   train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
+                   disk_probe_mb=1024),
     # tests and `--tiny`: every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
                     loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
                     loader_batches=2, zarr_batches=1, analyze_tasks=4, analyze_test_size=40, analyze_repeats=1,
-                    threads=1),
+                    threads=1, disk_probe_mb=8),
 }
 
 
@@ -222,6 +230,10 @@ class Context:
         from infra.config import config_from_dict
         self.p, self.dir = profile, Path(workdir)
         self.out = self.dir / "out"          # OUT/teachers/<role>.pt: where load_fitted looks
+        # the stores: in the temp dir, or a temporary folder under store_dir (removed with this context)
+        self._store_tmp = tempfile.TemporaryDirectory(prefix="hakd-bench-", dir=profile.store_dir) \
+            if profile.store_dir else None
+        self.store_dir = Path(self._store_tmp.name) if self._store_tmp else self.dir
         self.memo: dict = {}                 # figures one bench hands to another
         p = profile
         self.cfg = config_from_dict({
@@ -229,7 +241,8 @@ class Context:
             "data": {"name": "shapes", "image_size": p.image_size, "train_size": p.n_images, "test_size": 50},
             "teacher_vit": {"name": p.vit}, "teacher_cnn": {"name": p.cnn},
             "cache": {"views": p.views, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
-                      "batch_size": p.cache_batch},
+                      "batch_size": p.cache_batch, "codec": p.codec, "feature_dtype": p.feature_dtype,
+                      "codec_overrides": [o for o in p.codec_overrides.split(",") if o], "writers": p.writers},
             "train": {"arch": p.student, "batch_size": p.train_batch, "loader_workers": p.loader_workers,
                       "device": p.device, "amp": p.amp, "channels_last": p.channels_last},
         })
@@ -278,14 +291,14 @@ class Context:
         """The (possibly still empty) cache store of `role`, created as `hakd cache` creates it."""
         if role not in self._stores:
             from infra.provenance import provenance
-            from teacher_cache.job import identity, plan
-            from teacher_cache.store import CacheStore
+            from teacher_cache.job import identity, open_store, plan
             t, d = self.teacher(role), self.data()
             layout = plan(self.cfg, role, len(d["labels"]), t)
-            path = self.dir / "cache" / f"{t.spec.name}.zarr"
-            store = CacheStore.create_or_open(path, layout, identity(self.cfg, role, t, layout, d["fingerprint"]),
-                                              provenance(self.cfg), self.cfg.cache.clevel, overwrite=True)
-            if t.spec.kind == "vit":
+            path = self.store_dir / "cache" / f"{t.spec.name}.zarr"
+            vit = t.spec.kind == "vit"
+            store = open_store(self.cfg, path, layout, identity(self.cfg, role, t, layout, d["fingerprint"]),
+                               provenance(self.cfg), params=("live_block",) if vit else (), overwrite=True)
+            if vit:
                 store.write_params("live_block", {k: v.numpy() for k, v in t.net.blocks[-1].state_dict().items()})
             self._stores[role] = store
         return self._stores[role]

@@ -1,0 +1,108 @@
+"""Codecs per array and int8 features: the config, the store's codecs, quantisation, and int8 through
+the whole byte path (CacheWorker -> store -> pack -> FFCV loader -> dequantised on the device)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from infra.config import ConfigError, load_config
+from teacher_cache.codecs import codec_for, dequantize, parse_overrides, quantize, scale_shape
+from teacher_cache.store import CacheStore
+from test_cache import IDENTITY, LAYOUT, PROVENANCE, random_unit
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizer
+
+
+def test_codec_for_takes_the_longest_match():
+    ov = parse_overrides(["features=lz4", "features/layer3=zstd", "logits=none"])
+    assert codec_for("features/blocks.2", "zstd", ov) == "lz4"
+    assert codec_for("features/layer3", "none", ov) == "zstd"
+    assert codec_for("scales/layer3", "none", ov) == "zstd"  # scales follow their layer
+    assert codec_for("logits", "zstd", ov) == "none"
+    assert codec_for("images", "lz4", ov) == "lz4"
+    assert codec_for("features2", "none", {"features": "lz4"}) == "none"  # a group, not a name prefix
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("cache.codec", "gzip", "cache.codec: 'gzip' is not one of none, lz4, zstd"),
+    ("cache.codec_overrides", "[features]", "cache.codec_overrides: 'features' is not NAME=CODEC"),
+    ("cache.codec_overrides", "[features=brotli]", "cache.codec_overrides: 'features=brotli'"),
+    ("cache.feature_dtype", "bfloat16", "cache.feature_dtype: 'bfloat16' is not float16 or int8"),
+    ("cache.writers", "0", "cache.writers: must be >= 1"),
+])
+def test_config_refuses_bad_cache_values(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_store_writes_each_array_with_its_codec(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE, codec="none",
+                                      codec_overrides={"features": "lz4", "features/layer3": "zstd"})
+    want = {"images": "none", "labels": "none", "views": "none", "logits": "none",
+            "features/blocks.2": "lz4", "features/layer3": "zstd"}
+    for name, codec in want.items():
+        meta = json.loads((path / name / "zarr.json").read_text())
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        blosc = [c["configuration"]["cname"] for c in inner if c["name"] == "blosc"]
+        assert blosc == ([] if codec == "none" else [codec]), name
+        assert inner[-1]["name"] == "crc32c", name
+    rng = np.random.default_rng(0)
+    units = [random_unit(LAYOUT, u, rng) for u in range(LAYOUT.units)]
+    for u, arrays in enumerate(units):
+        store.write_unit(u, arrays)
+    assert store.verify() == []
+    lo, hi = LAYOUT.unit_range(1)
+    np.testing.assert_array_equal(store.group["features/blocks.2"][lo:hi], units[1]["features/blocks.2"].astype(np.float16))
+
+
+@pytest.mark.parametrize("view_shape", [(17, 24), (8, 4, 4)])  # ViT tokens (T, D), CNN map (C, H, W)
+def test_quantize_per_token(view_shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, *view_shape, generator=g) * torch.rand(6, *view_shape[:-1], 1, generator=g) * 4).half()
+    if len(view_shape) == 3:
+        x = torch.relu(x)  # post-ReLU maps: many zeros
+    x[0] = 0  # an all-zero view: scale 0, values 0
+    q, scale = quantize(x, len(view_shape))
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16
+    assert tuple(scale.shape) == (6, *scale_shape(view_shape))
+    assert q.abs().max() <= 127 and q[1:].abs().amax() == 127
+    y = dequantize(q, scale, len(view_shape))
+    assert y.dtype == torch.float16 and y.shape == x.shape and (y[0] == 0).all()
+    axis = -1 if len(view_shape) == 2 else -3
+    cos = torch.nn.functional.cosine_similarity(y[1:].float(), x[1:].float(), dim=axis)
+    nonzero = x[1:].float().abs().amax(dim=axis) > 0
+    assert cos[nonzero].min() > 0.999
+    # the error of each value is at most half a step of its token's scale (plus float16 rounding)
+    step = scale.float().unsqueeze(axis)
+    assert ((y.float() - x.float()).abs() <= step * 0.5 + x.float().abs() * 2e-3 + 1e-6).all()
+
+
+def test_int8_features_through_pack_and_loader(tmp_path):
+    """The bench's tiny cache (random-weight demo teachers, real CacheWorker) written twice, float16 and
+    int8: the int8 file's features, dequantised by the loader, match the float16 store's (cosine)."""
+    from infra.bench.common import PROFILES, Context
+    from student_train.loader import StudentLoader
+    profile = PROFILES["tiny"]
+    ref = Context(profile, tmp_path / "f16").filled_store("teacher_vit")
+    ctx = Context(dataclasses.replace(profile, feature_dtype="int8", writers=3), tmp_path / "i8")
+    store = ctx.filled_store("teacher_vit")
+    (layer,) = store.layout.layers
+    assert store.group[f"features/{layer}"].dtype == np.int8 and store.verify() == []
+    assert store.layout.bytes_per_sample()[f"features/{layer}"] * 2 == ref.layout.bytes_per_sample()[f"features/{layer}"]
+    beton, meta, field = ctx.packed()
+    assert meta["fields"][field]["dtype"] == "int8" and meta["fields"][meta["fields"][field]["scale"]]["array"] == \
+        f"scales/{layer}"
+    loader = StudentLoader(beton, meta, [field], batch_size=8, workers=1, seed=0, timeout_s=60, drop_last=False,
+                           shuffle=False)  # view 0 of every image, in order
+    want = torch.from_numpy(ref.group[f"features/{layer}"][:, 0]).float()
+    got = torch.cat([loader.teacher_output(b, field, "cpu") for b in loader])
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    cos = torch.nn.functional.cosine_similarity(got.float(), want, dim=-1)
+    assert cos.min() > 0.999, cos.min()
+    # the logits (float16 fields) are untouched by the int8 option
+    np.testing.assert_array_equal(store.group["logits"][...], ref.group["logits"][...])
