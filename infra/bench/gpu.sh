@@ -5,21 +5,25 @@
 #
 # At 224 px, bf16 autocast + channels_last, random weights, generated images, no downloads:
 #   cache   ViT-B/16 (vit_b16_clip) and WRN-101 (wrn101): bare teacher forward vs the cache path
-#           (CacheWorker compute + Zarr shard writes, writer thread overlapping), images/s
+#           (CacheWorker compute + side-stream copies into pinned buffers + Zarr shard writes on writer
+#           threads), images/s; seconds per unit in each stage (compute, copy, encode, checksum, write,
+#           verify), the bytes/s the bare forward would need, and the disk's own write rate with fsync
+#   cache_shm   the same with the stores in /dev/shm (RAM): the pipeline without the disk
 #   train   ResNet-50 step time: plain CE / resident KD / offline KD fed by FFCV / online KD with
 #           ViT-B/16 run live (KD = PCA + GL)
 #   loader  FFCV StudentLoader vs a torch DataLoader over the Zarr store, samples/s
 # Prints one JSON line per benchmark (stdout; progress on stderr) and writes
-# infra/bench/results/<gpu-name>-<date>.json after each benchmark; with $OUT set, the results file
-# and the JSON lines (bench-lines.jsonl) are copied there too.
+# infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm is added to it at the end);
+# with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
 #
 # Environment variables: PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu with --tiny as the
-# first argument checks the script on a machine without a GPU), BENCH_TIMEOUT (seconds for the Python
-# part, default 420), WHEELS (folder of wheels and .deb files to install first; default .whl if present).
+# first argument checks the script on a machine without a GPU), BENCH_TIMEOUT (seconds for cache, train
+# and loader, default 330), SHM_TIMEOUT (seconds for cache_shm, default 120), WHEELS (folder of wheels
+# and .deb files to install first; default .whl if present). Both limits together: 7.5 minutes.
 #
 # What the machine needs. torch with CUDA, torchvision, timm, numpy, pyyaml, tqdm (all on the project's
 # GPU image), and:
-#   zarr, numcodecs, donfig, google-crc32c   cache and train benches (the Zarr store)
+#   zarr, numcodecs, donfig, google-crc32c, xxhash   cache and train benches (the Zarr store)
 #   ffcv, numba, opencv (cv2)                loader bench and the offline-KD step (the packed file)
 # The script tries every import first and prints what is missing; a benchmark whose modules are
 # missing is reported as skipped (so is the offline step without ffcv), the rest still run.
@@ -27,7 +31,7 @@
 # made here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+#     -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 xxhash==4.1.0
 # (`.whl/` is git-ignored; carry it to the machine). ffcv has no wheel on PyPI: build one for the
 # machine's Python (`pip wheel --no-deps ffcv==1.0.2` where pkg-config, libopencv-dev and
 # libturbojpeg0-dev are installed) and put the .deb files of the libraries it links
@@ -41,7 +45,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-LIMIT=${BENCH_TIMEOUT:-420}
+LIMIT=${BENCH_TIMEOUT:-330}
+SHM_LIMIT=${SHM_TIMEOUT:-120}
 WHEELS=${WHEELS:-}
 if [[ -z "$WHEELS" && -d .whl ]]; then WHEELS=.whl; fi
 
@@ -72,7 +77,7 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1
 "$PY" - "$DEVICE" <<'PYEOF'
 import importlib, sys
 groups = {"core": ["torch", "torchvision", "timm", "numpy", "yaml", "tqdm"],
-          "cache/train (Zarr)": ["zarr", "numcodecs"],
+          "cache/train (Zarr)": ["zarr", "numcodecs", "xxhash"],
           "loader/offline KD (FFCV)": ["ffcv", "numba", "cv2"]}
 missing = {}
 for group, mods in groups.items():
@@ -105,10 +110,32 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 lines=/dev/null
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT"; lines=$OUT/bench-lines.jsonl; fi
+errlog=$(mktemp)
 start=$SECONDS
 set +e
-timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" | tee "$lines"
+timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" \
+  2> >(tee "$errlog" >&2) | tee "$lines"
 rc=${PIPESTATUS[0]}
-set -e
 echo "gpu.sh: python exited with $rc after $((SECONDS - start)) s (124 = hit BENCH_TIMEOUT=$LIMIT)" >&2
+
+# the cache bench again with its stores in RAM (/dev/shm), added to the results file as cache_shm
+shm=$(mktemp)
+timeout --signal=TERM --kill-after=10 "$SHM_LIMIT" "$PY" -m infra.bench.run cache --device "$DEVICE" "$@" \
+  store_dir=/dev/shm repeats=2 | tee "$shm"
+shm_rc=${PIPESTATUS[0]}
+set -e
+echo "gpu.sh: cache in /dev/shm exited with $shm_rc after $((SECONDS - start)) s in all" >&2
+results=$(sed -n 's/^\[bench\] results written to //p' "$errlog" | tail -1)
+if [[ $shm_rc == 0 && -n "$results" && -f "$results" ]]; then
+  "$PY" - "$results" "$shm" <<'PYEOF'
+import json, sys
+path, line = sys.argv[1], json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+doc = json.load(open(path))
+doc["benches"]["cache_shm"] = {**line, "bench": "cache_shm"}
+open(path, "w").write(json.dumps(doc, indent=2) + "\n")
+print(f"gpu.sh: cache_shm added to {path}", file=sys.stderr)
+PYEOF
+  if [[ -n "${OUT:-}" ]]; then cp "$results" "$OUT/"; cat "$shm" >> "$lines"; fi
+fi
+rm -f "$errlog" "$shm"
 exit "$rc"
