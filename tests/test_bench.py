@@ -27,7 +27,7 @@ FIGURES = {
     "train": ("plain_step_s", "resident_kd_step_s", "offline_kd_step_s", "online_kd_step_s",
               "offline_over_resident", "online_over_offline"),
     "loader": ("ffcv_samples_s", "torch_zarr_samples_s", "ratio", "student_samples_s"),
-    "analyze": ("one_worker_s", "two_workers_s", "speedup", "machine_speedup"),
+    "analyze": ("one_worker_s", "two_workers_s", "speedup", "machine_speedup", "projected_total_s"),
 }
 
 
@@ -96,6 +96,10 @@ def test_analyze_line(ray_session, capsys, tmp_path):
     assert len(lines) == 1
     _check(lines[0], "analyze")
     assert lines[0]["params"]["ray_cpus"] == 2
+    rates = lines[0]["rates_img_s"]  # every measure of every architecture, as the GPU profile reports them
+    assert set(rates) == {"vit_demo", "wrn_demo", "resnet_demo"} and set(rates["resnet_demo"]) == {
+        "accuracy", "fourier", "occlusion", "adversarial", "gradcam", "cka"}
+    assert set(lines[0]["projected_s"]) == set(lines[0]["params"]["projection"]["models"])
 
 
 def test_table_renders_skips_and_verdicts(tmp_path):

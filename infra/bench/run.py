@@ -28,7 +28,8 @@ from infra.errors import UserError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NEEDS = {"cache": ["torch", "timm", "zarr", "numcodecs"], "train": ["torch", "timm", "zarr", "numcodecs"],
-         "loader": ["torch", "timm", "zarr", "numcodecs", "ffcv"], "analyze": ["torch", "timm", "ray"]}
+         "loader": ["torch", "timm", "zarr", "numcodecs", "ffcv"],
+         "analyze": ["torch", "timm", "pytorch_grad_cam", "scipy"]}  # + ray for the CPU profiles' worker figures
 SETS = {"all": ["cache", "train", "loader", "analyze"], "gpu": ["cache", "train", "loader"]}
 ORDER = ["cache", "train", "loader", "analyze"]  # train before loader: it measures the student's rate
 
