@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from analysis.stats import merge_runs
 from infra.config import Config, config_from_dict
 from infra.errors import UserError
 from teacher_cache.bias import shape_bias_note
@@ -50,7 +51,32 @@ def build_model(cfg: Config, name: str) -> torch.nn.Module:
     if name in TEACHERS:
         return build_teacher(cfg, name)
     from student_train.students import Student
-    return Student(cfg.train.arch, len(class_names(cfg.data)), cfg.data.image_size)
+    from student_train.sweep import plan_trials, trial_config
+    trial = {t.name: t for t in plan_trials(cfg)}.get(name)  # a run of a sweep may change the architecture
+    arch = (trial_config(cfg, trial) if trial else cfg).train.arch
+    return Student(arch, len(class_names(cfg.data)), cfg.data.image_size)
+
+
+def model_runs(cfg: Config) -> dict[str, tuple[str, int | None]]:
+    """Every run to measure: run name -> (model name in the report, seed; None for a teacher).
+
+    A teacher is one run; a student has one run per trial (seed, grid point), loaded from
+    OUT/train/<student>/<trial label>/model.pt. With a sweep, each grid point is a model of its own,
+    "<student>@<key>=<value>".
+    """
+    from student_train.sweep import plan_trials
+    trials = plan_trials(cfg)
+    runs: dict[str, tuple[str, int | None]] = {}
+    for m in cfg.analysis.models:
+        if m in TEACHERS:
+            runs[m] = (m, None)
+            continue
+        mine = [t for t in trials if t.student == m]
+        if not mine:
+            raise ModelMismatch(f"analysis.models names {m}, which train.students does not train; "
+                                f"add it to train.students or remove it from analysis.models")
+        runs.update({t.name: (m + (f"@{t.grid_label}" if t.grid else ""), t.seed) for t in mine})
+    return runs
 
 
 def load_model(cfg: Config, out: Path, name: str) -> torch.nn.Module:
@@ -248,7 +274,7 @@ def _gradcam(cfg: Config, out: Path, model, name: str, d: dict) -> dict:
 def plan_tasks(cfg: Config) -> list[tuple[str, str, str]]:
     variants = test_variants(cfg.data)
     tasks = []
-    for m in cfg.analysis.models:
+    for m in model_runs(cfg):
         tasks += [(m, "accuracy", v) for v in variants]
         tasks += [(m, "fourier", "clean"), (m, "occlusion", "clean"), (m, "adversarial", "clean")]
         gradcam_variant = "texture" if "texture" in variants else "clean"
@@ -266,7 +292,7 @@ def run_analysis(cfg: Config, out: Path, log=print) -> dict:
     from infra.ray_cluster import ensure_ray
 
     out = Path(out)
-    for m in cfg.analysis.models:  # fail before launching anything
+    for m in model_runs(cfg):  # fail before launching anything
         load_model(cfg, out, m)
     if "teacher_vit" not in cfg.analysis.models:
         load_model(cfg, out, "teacher_vit")  # CKA and GradCAM references
@@ -298,14 +324,18 @@ def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
             grid_maps[name] = np.array(value["grid_maps"], dtype=np.float32)
         else:
             metrics[measure][name] = value
-    for section in ("accuracy", "fourier", "occlusion", "adversarial", "gradcam", "shape_bias", "cka"):
-        metrics[section] = {m: metrics[section][m] for m in cfg.analysis.models if m in metrics[section]}
     if not metrics["shape_bias"]:
         del metrics["shape_bias"]
     initial = {"layer": STUDENT_LAYERS[0], "teacher_layer": "blocks.0"}
     for m, entry in metrics["cka"].items():
         initial[m] = entry["matrix"][0][0]
     metrics["cka_initial"] = initial
+    runs = model_runs(cfg)
+    merge_runs(metrics, runs)  # per-run entries -> per-model means, with per-seed values in metrics["stats"]
+    first_run = {}
+    for run, (model, _) in runs.items():
+        first_run.setdefault(model, run)
+    grid_maps = {model: grid_maps[run] for model, run in first_run.items() if run in grid_maps}  # the first seed's maps
     grid = None
     if grid_maps:
         variant = "texture" if "texture" in test_variants(cfg.data) else "clean"
@@ -314,7 +344,10 @@ def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
         grid = {"images": split["images"][:k], "labels": split["labels"][:k],
                 "class_names": class_names(cfg.data), "maps": grid_maps}
     metrics["meta"] = {"dataset": cfg.data.name, "variants": list(test_variants(cfg.data)),
-                       "models": list(cfg.analysis.models),
+                       "models": list(first_run), "num_classes": len(class_names(cfg.data)),
+                       "adversarial_images": min(cfg.analysis.adversarial_samples,
+                                                 len(load_split(cfg.data, "clean")["labels"])),
+                       "sweep": {key: list(values) for key, values in cfg.sweep.items()},
                        "pairs": {"student_kd_vit": "teacher_vit", "student_kd_cnn": "teacher_cnn",
                                  "student_logit_kd": "teacher_vit"},
                        "teachers": {"teacher_vit": cfg.teacher_vit.name, "teacher_cnn": cfg.teacher_cnn.name},

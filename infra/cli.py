@@ -66,7 +66,7 @@ def _run_stages(args, stages: list[str]) -> int:
         kwargs = {"seconds": seconds} if stage == "analyze" else {}
         res = fn(cfg, out, overwrite=args.overwrite, **kwargs)
         seconds[stage] = round(time.time() - start, 1)
-        rows.append((stage, res["status"], seconds[stage], str(outputs[stage])))
+        rows.append((stage, res["status"], seconds[stage], str(outputs[stage]) + (f" ({res['note']})" if res.get("note") else "")))
     print("\n" + _summary(rows))
     if "analyze" in stages:
         print(f"\nreport: {out / 'report' / 'report.md'} (and report.html); metrics: {out / 'report' / 'metrics.json'}")

@@ -90,6 +90,8 @@ class TrainConfig:
     loader_timeout_s: float = 120.0  # a loader that yields nothing for this long is an error, never a hang
     log_every: int = 50           # steps between host synchronisations for logging
     device: str = "auto"          # auto | cpu | cuda
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run of every student per seed (Ray Tune trials)
+    trial_cpus: int = 1           # CPUs (and torch threads) per trial on a machine without GPUs; trials run side by side
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # grid of train.* values, e.g. {"train.kd_lambda": [0.5, 1, 2]}: one trial per (student, seed, grid point)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -151,6 +155,13 @@ def _plain(v):
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is Any:  # typed later against the field it names (sweep values, in validate)
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -336,6 +347,41 @@ def validate(cfg: Config) -> None:
     need(0.0 <= a.gpus_per_task <= 1.0, "analysis.gpus_per_task",
          "must be in [0, 1]: a share of one GPU per task (0 runs the analysis on CPUs only)")
     need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
+    need(len(t.seeds) > 0, "train.seeds", "name at least one seed, e.g. [0, 1, 2]")
+    need(len(set(t.seeds)) == len(t.seeds), "train.seeds", "names a seed twice")
+    need(t.trial_cpus >= 1, "train.trial_cpus", "must be >= 1")
+    _validate_sweep(cfg.sweep)
+
+
+# train.* keys that do not change what a trial learns, or that the sweep itself sets
+_NOT_SWEPT = ("train.students", "train.seeds", "train.trial_cpus", "train.device", "train.loader_workers",
+              "train.loader_timeout_s", "train.log_every")
+
+
+def _validate_sweep(sweep: dict[str, list]) -> None:
+    """Each key names a train.* field (other sections would refit a teacher or re-pack); values fit its type."""
+    train_fields = typing.get_type_hints(TrainConfig)
+    for key, values in sweep.items():
+        section, _, name = key.partition(".")
+        if section != "train" or name not in train_fields:
+            raise ConfigError(f"sweep.{key}: not a train.* config key; a sweep varies student training only "
+                              f"(sweepable: {', '.join(k for f in train_fields if (k := 'train.' + f) not in _NOT_SWEPT)})")
+        if key in _NOT_SWEPT:
+            raise ConfigError(f"sweep.{key}: cannot be swept; set it directly"
+                              + (" (seeds are train.seeds)" if key == "train.seeds" else ""))
+        if not values:
+            raise ConfigError(f"sweep.{key}: give at least one value")
+        converted = [_convert(v, train_fields[name], f"sweep.{key}[{i}]") for i, v in enumerate(values)]
+        if len({json.dumps(v) for v in converted}) != len(converted):
+            raise ConfigError(f"sweep.{key}: names a value twice")
+        for v in converted:  # each grid point must itself be a valid config
+            point = dataclasses.replace(TrainConfig(), **{name: v})
+            try:
+                validate(Config(train=point))
+            except ConfigError as e:
+                raise ConfigError(f"sweep.{key}: value {v!r} is impossible ({e})") from None
+
+
 
 
 def dump_config(cfg: Config) -> str:

@@ -20,8 +20,8 @@ from infra.provenance import git_commit, write_run_info
 
 STAGE_SECTIONS = {
     "cache": ("seed", "data", "teacher_vit", "teacher_cnn", "cache"),
-    "train": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train"),
-    "analyze": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train", "analysis"),
+    "train": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train", "sweep"),
+    "analyze": ("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train", "sweep", "analysis"),
 }
 
 
@@ -76,29 +76,25 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
 def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
     if _stage_done(cfg, out, "train") and not overwrite:
         return {"status": "reused"}
-    from student_train.pack import pack
-    from student_train.trainer import train_student
+    from student_train.pack import FFCV_NAME, pack
+    from student_train.sweep import run_sweep
     from teacher_cache.job import ROLES, store_path
     stores = {role: store_path(out, cfg, role) for role in ROLES}
     for role, p in stores.items():
         if not p.exists():
             raise ConfigError(f"no cache store at {p} for {role}: run `hakd cache` first with this config")
+    packed_before = _stat(Path(out) / "train" / FFCV_NAME)
     beton, meta = pack(stores, Path(out) / "train", workers=cfg.train.loader_workers, log=log)
-    device = device_for(cfg)
-    results = {}
-    for kind in cfg.train.students:
-        d = Path(out) / "train" / kind
-        done = d / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("digest") == cfg.digest(*STAGE_SECTIONS["train"]):
-            results[kind] = json.loads(done.read_text())["final"]
-            continue
-        final = train_student(cfg, kind, d, beton, meta, device=device, log=log)
-        done.write_text(json.dumps({"digest": cfg.digest(*STAGE_SECTIONS["train"]), "final": final}, indent=2))
-        write_run_info(d, cfg, student=kind)
-        results[kind] = final
-    _mark_done(cfg, out, "train", students={k: {"test_clean_accuracy": v.get("test_clean_accuracy")}
-                                            for k, v in results.items()})
-    return {"status": "ran", "detail": results}
+    sweep = run_sweep(cfg, out, beton, meta, device_for(cfg), log=log)
+    packing = "reused" if packed_before is not None and packed_before == _stat(beton) else "packed"
+    _mark_done(cfg, out, "train", packing=packing, trials={n: {"test_clean_accuracy": f.get("test_clean_accuracy")}
+                                                           for n, f in sweep["final"].items()})
+    note = f"{FFCV_NAME} {packing}; {len(sweep['trained'])} trial(s) trained, {len(sweep['reused'])} reused"
+    return {"status": "ran", "detail": sweep, "note": note}
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    return (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
 
 
 def stage_analyze(cfg: Config, out: Path, overwrite: bool = False, log=print, seconds: dict | None = None) -> dict:

@@ -124,7 +124,7 @@ class _Step(nn.Module):
 
 
 def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
-                  log=print) -> dict:
+                  log=print, on_epoch=None) -> dict:
     """Train (or resume) one student into out_dir; returns the final metrics line."""
     rank, world = _dist()
     out_dir = Path(out_dir)
@@ -196,6 +196,8 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
             _atomic_save({"model": step_module.state_dict(), "optimizer": opt.state_dict(),
                           "schedule": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
                           "digest": _digest(cfg, kind)}, ckpt_path)
+            if on_epoch is not None:
+                on_epoch(last)
             log(f"{kind} epoch {epoch + 1}/{t.epochs}: loss {last['loss']:.3f} train acc {last['train_accuracy']:.3f} "
                 f"test acc {last['test_clean_accuracy']:.3f} ({last['images_per_s']:.0f} img/s)")
     if rank == 0:

@@ -1,0 +1,144 @@
+"""Spread over seeds: per-run metrics merged into means, per-measure statistics, and two-model tests.
+
+Every student is trained once per seed (`train.seeds`); the analysis measures each run. Here the
+runs of one model become (a) one metrics entry of the usual shape holding the mean over runs (so
+that curves and matrices plot as before) and (b) `stats[model][measure]`: the per-seed values,
+their mean, standard deviation (n - 1 in the denominator) and the 95% t-interval of the mean.
+A teacher is one run: its std and interval are None.
+
+A difference between two models counts as supported only when the Welch 95% interval of the
+difference of their means excludes 0; otherwise the runs do not separate them.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95
+# sections of metrics.json holding one entry per model
+MODEL_SECTIONS = ("accuracy", "fourier", "occlusion", "adversarial", "gradcam", "shape_bias", "cka")
+
+
+def _finite(values) -> np.ndarray:
+    a = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+    return a[np.isfinite(a)]
+
+
+def summarize(values: list) -> dict:
+    """{"values", "mean", "std", "ci95": [lo, hi], "n"} of one measure over runs; None/NaN values are left out.
+
+    std and ci95 are None for fewer than two finite values (a single run has no spread).
+    """
+    a = _finite(values)
+    n = len(a)
+    out = {"values": [None if v is None or not math.isfinite(v) else float(v) for v in values],
+           "mean": float(a.mean()) if n else None, "std": None, "ci95": None, "n": n}
+    if n >= 2:
+        std = float(a.std(ddof=1))
+        half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
+        out.update(std=std, ci95=[out["mean"] - half, out["mean"] + half])
+    return out
+
+
+class Difference(NamedTuple):
+    diff: float                          # mean(a) - mean(b)
+    ci95: tuple[float, float] | None     # Welch 95% interval of the difference; None without spread on both sides
+    p: float | None                      # Welch t-test two-sided p-value
+    separated: bool                      # the interval excludes 0: the runs separate the two models
+
+
+def difference(a: list, b: list) -> Difference | None:
+    """Welch comparison of two models' per-seed values; None when either has no finite value."""
+    x, y = _finite(a), _finite(b)
+    if not len(x) or not len(y):
+        return None
+    diff = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return Difference(diff, None, None, False)
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(va + vb)
+    if se == 0:  # every run of each model gave the same value
+        return Difference(diff, (diff, diff), 0.0 if diff else 1.0, diff != 0)
+    df = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))  # Welch-Satterthwaite
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
+    p = float(scipy_stats.ttest_ind(x, y, equal_var=False).pvalue)
+    return Difference(diff, (diff - half, diff + half), p, diff - half > 0 or diff + half < 0)
+
+
+def scalar_measures(metrics: dict, model: str) -> dict[str, float]:
+    """The scalar measures of one model in one run's metrics, by name ("accuracy.clean", "occlusion@0.5", ...)."""
+    out: dict[str, float] = {}
+    for variant, acc in (metrics.get("accuracy", {}).get(model) or {}).items():
+        out[f"accuracy.{variant}"] = acc
+    fourier = metrics.get("fourier", {}).get(model) or {}
+    for key in ("low_frequency_reliance", "high_frequency_reliance"):
+        if key in fourier:
+            out[f"fourier.{key}"] = fourier[key]
+    occlusion = metrics.get("occlusion", {}).get(model) or {}
+    for x, y in zip(occlusion.get("fraction", []), occlusion.get("accuracy", [])):
+        out[f"occlusion@{x:g}"] = y
+    for attack, curve in (metrics.get("adversarial", {}).get(model) or {}).items():
+        for x, y in zip(curve.get("eps", []), curve.get("accuracy", [])):
+            out[f"adversarial.{attack}@{x:g}"] = y
+    for key, value in (metrics.get("gradcam", {}).get(model) or {}).items():
+        if isinstance(value, (int, float)) or value is None:
+            out[f"gradcam.{key}"] = value
+    shape = metrics.get("shape_bias", {}).get(model) or {}
+    if "shape_bias" in shape:
+        out["shape_bias"] = shape["shape_bias"]
+    initial = metrics.get("cka_initial") or {}
+    if model in initial:
+        out["cka_initial"] = initial[model]
+    return out
+
+
+def mean_tree(trees: list):
+    """Element-wise mean of equally shaped nested dicts/lists of numbers; strings and axes are kept.
+
+    Lists of numbers that are equal in every run (radii, fractions, eps) stay as they are; a value
+    missing (None/NaN) in a run is left out of its mean.
+    """
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: mean_tree([t[k] for t in trees if isinstance(t, dict) and k in t]) for k in first}
+    if isinstance(first, (list, tuple)):
+        if len({len(t) for t in trees}) != 1:
+            raise ValueError("runs disagree on the length of a list; they were measured with different settings")
+        return [mean_tree([t[i] for t in trees]) for i in range(len(first))]
+    if isinstance(first, bool) or not isinstance(first, (int, float)) and first is not None:
+        return first
+    a = _finite(trees)
+    return float(a.mean()) if len(a) else None
+
+
+def merge_runs(metrics: dict, runs: dict[str, tuple[str, int | None]]) -> dict:
+    """Replace per-run entries by per-model means; add `stats` (per model and measure) and `seeds`.
+
+    metrics: sections keyed by run name (e.g. "student_kd_vit/seed1"; cka_initial too). runs: run
+    name -> (model key, seed; None for a teacher). Returns metrics with model keys in place of runs.
+    """
+    by_model: dict[str, list[str]] = {}
+    for run, (model, _) in runs.items():
+        by_model.setdefault(model, []).append(run)
+    stats: dict[str, dict] = {}
+    for model, rs in by_model.items():
+        per_run = [scalar_measures(metrics, r) for r in rs]
+        names = list(dict.fromkeys(k for m in per_run for k in m))
+        stats[model] = {k: {**summarize([m.get(k) for m in per_run]), "seeds": [runs[r][1] for r in rs]}
+                        for k in names}
+    for section in MODEL_SECTIONS:
+        entries = metrics.get(section)
+        if entries:
+            metrics[section] = {model: mean_tree([entries[r] for r in rs if r in entries])
+                                for model, rs in by_model.items() if any(r in entries for r in rs)}
+    initial = metrics.get("cka_initial")
+    if initial:
+        metrics["cka_initial"] = {**{k: v for k, v in initial.items() if k not in runs},
+                                  **{model: s["cka_initial"]["mean"] for model, s in stats.items()
+                                     if "cka_initial" in s}}
+    metrics["stats"] = stats
+    metrics["seeds"] = sorted({seed for _, seed in runs.values() if seed is not None})
+    return metrics

@@ -1,0 +1,177 @@
+"""Every student run of a config as one Ray Tune trial: one per (student, seed, sweep grid point).
+
+All trials read the same packed file (packed once, before the sweep) and never touch a teacher.
+Each trial trains into its own directory, OUT/train/<student>/seed<k>[_<key>=<value>...]/, which
+holds its resolved config, per-epoch `metrics.jsonl`, `checkpoint.pt`, `model.pt` and, once done,
+`summary.json`. Tune keeps its own result files (result.json, progress.csv, params.json, and
+TensorBoard logs when tensorboardX is installed) under OUT/train/tune/<trial>/.
+
+Reuse and resume: a trial whose `summary.json` carries its digest is finished and is not
+launched again; a sweep that was killed is restored with `Tuner.restore` (same experiment
+directory, named by the digest of the whole training config), and each restored trial resumes
+from its own last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from infra.config import Config, config_from_dict, dump_config
+from infra.errors import UserError
+from infra.integrity import loads_tensors
+
+TUNE_DIR = "tune"  # OUT/train/tune/<experiment>/<trial>/: Tune's own result files
+
+
+class SweepError(UserError, RuntimeError):
+    """A trial failed; the message names it and where its error is."""
+
+
+class Trial(NamedTuple):
+    student: str
+    seed: int
+    grid: tuple[tuple[str, object], ...]  # ((config key, value), ...) of this grid point; () without a sweep
+
+    @property
+    def label(self) -> str:
+        """seed<k>[_<leaf>=<value>...]: the directory under OUT/train/<student>/ and the run's name in metrics."""
+        return f"seed{self.seed}" + "".join(f"_{key.split('.')[-1]}={value}" for key, value in self.grid)
+
+    @property
+    def grid_label(self) -> str:
+        """<leaf>=<value>,... for the grid point alone ('' without a sweep)."""
+        return ",".join(f"{key.split('.')[-1]}={value}" for key, value in self.grid)
+
+    @property
+    def name(self) -> str:
+        """'<student>/<label>': the model name the analysis loads from OUT/train/<name>/model.pt."""
+        return f"{self.student}/{self.label}"
+
+
+def plan_trials(cfg: Config) -> list[Trial]:
+    """Every (student, seed, grid point), students outermost; grid points in the order the sweep lists them."""
+    keys = list(cfg.sweep)
+    points = [tuple(zip(keys, values)) for values in itertools.product(*(cfg.sweep[k] for k in keys))]
+    return [Trial(s, seed, point) for s in cfg.train.students for point in points for seed in cfg.train.seeds]
+
+
+def trial_config(cfg: Config, trial: Trial) -> Config:
+    """The config one trial trains with: its seed, its grid values, and nothing of the other trials.
+
+    train.seeds and sweep are narrowed to this trial, so that adding a seed or a grid point later
+    leaves the digests, and so the reuse, of the trials already finished unchanged.
+    """
+    d = copy.deepcopy(cfg.to_dict())
+    d["seed"] = trial.seed
+    d["train"].update({"students": [trial.student], "seeds": [trial.seed]})
+    for key, value in trial.grid:
+        d["train"][key.split(".", 1)[1]] = value
+    d["sweep"] = {}
+    return config_from_dict(d)
+
+
+def trial_digest(cfg: Config) -> str:
+    return cfg.digest("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train")
+
+
+def trial_dir(out: Path, trial: Trial) -> Path:
+    return Path(out) / "train" / trial.student / trial.label
+
+
+def finished(out: Path, cfg: Config, trial: Trial) -> dict | None:
+    """The trial's final metrics when it has finished for this config and its model file loads, else None."""
+    d = trial_dir(out, trial)
+    done = d / "summary.json"
+    if not (done.is_file() and loads_tensors(d / "model.pt")):
+        return None
+    try:
+        summary = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    return summary["final"] if summary.get("digest") == trial_digest(trial_config(cfg, trial)) else None
+
+
+def _run_trial(config: dict, base: dict, out: str, beton: str, meta: dict, device: str, threads: int) -> None:
+    """The Tune trainable: train one trial (resuming from its checkpoint), reporting each epoch to Tune."""
+    import torch
+    from ray import tune
+
+    from infra.provenance import write_run_info
+    from student_train.trainer import train_student
+
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(base)
+    spec = config["trial"]
+    trial = Trial(spec["student"], spec["seed"], tuple(tuple(p) for p in spec["grid"]))
+    final = finished(Path(out), cfg, trial)
+    if final is not None:  # finished before a restore was recorded
+        tune.report(final)
+        return
+    tcfg = trial_config(cfg, trial)
+    d = trial_dir(Path(out), trial)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(dump_config(tcfg))
+    final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device, log=lambda *_: None,
+                          on_epoch=lambda metrics: tune.report(dict(metrics)))
+    tmp = d / "summary.json.tmp"
+    tmp.write_text(json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2))
+    os.replace(tmp, d / "summary.json")  # the mark of a finished trial, written last and whole
+    write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
+
+
+def _dirname(tune_trial) -> str:
+    """Tune's directory (and display name) of a trial: <student>-<label>, e.g. student_kd_vit-seed1."""
+    spec = tune_trial.config["trial"]
+    return f"{spec['student']}-" + Trial(spec["student"], spec["seed"], tuple(map(tuple, spec["grid"]))).label
+
+
+def _resources(device: str, cfg: Config) -> dict[str, float]:
+    """One GPU per trial on a GPU machine; otherwise train.trial_cpus CPUs (and as many torch threads)."""
+    return {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": cfg.train.trial_cpus}
+
+
+def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=print) -> dict:
+    """Train every unfinished trial with Ray Tune; returns {"trained": [...], "reused": [...], "final": {name: metrics}}."""
+    from ray import tune
+
+    from infra.ray_cluster import ensure_ray
+
+    out = Path(out).resolve()
+    trials = plan_trials(cfg)
+    reused = {t.name: f for t in trials if (f := finished(out, cfg, t)) is not None}
+    todo = [t for t in trials if t.name not in reused]
+    if todo:
+        ensure_ray(cfg.ray)
+        storage = out / "train" / TUNE_DIR
+        name = f"sweep-{trial_digest(cfg)}-{cfg.digest('sweep')[:8]}"
+        threads = 1 if device == "cuda" else cfg.train.trial_cpus
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_trial, base=cfg.to_dict(), out=str(out), beton=str(Path(beton).resolve()),
+                                 meta=meta, device=device, threads=threads),
+            _resources(device, cfg))
+        experiment = storage / name
+        log(f"train: {len(todo)} trial(s) to run, {len(reused)} finished trial(s) reused; Tune results in {experiment}")
+        if tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        else:
+            space = {"trial": tune.grid_search([{"student": t.student, "seed": t.seed, "grid": [list(p) for p in t.grid]}
+                                                for t in todo])}
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(trial_dirname_creator=_dirname, trial_name_creator=_dirname),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        results = tuner.fit()
+        errors = [r for r in results if r.error is not None]
+        if errors:
+            raise SweepError(f"{len(errors)} trial(s) failed, first: {errors[0].path}: {errors[0].error}; "
+                             f"the same command resumes the sweep") from None
+    final = {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials}
+    missing = [n for n, f in final.items() if f is None]
+    if missing:
+        raise SweepError(f"trial(s) {', '.join(missing)} did not finish; the same command resumes the sweep")
+    return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}
