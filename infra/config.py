@@ -63,7 +63,7 @@ class CacheConfig:
     chunk_size: int = 64          # samples per chunk inside a shard (must divide shard_size)
     batch_size: int = 128         # teacher forward batch
     clevel: int = 3               # Blosc level of the lz4 / zstd codecs
-    codec: str = "zstd"           # every array's codec: none | lz4 | zstd (Blosc, bitshuffle; README has measurements)
+    codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc, bitshuffle; README has measurements)
     codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=lz4
     feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
     workers: int = 2              # Ray actors writing shards in parallel

@@ -270,8 +270,7 @@ class CacheStore:
         record = dict(self.group.attrs.get("params", {}))
         record.pop(prefix, None)
         self.group.attrs["params"] = record  # not complete until the end
-        for key in self._keys(prefix + "/"):
-            sync(self._zstore.delete(key))
+        sync(self._zstore.delete_dir(prefix))  # whatever an interrupted write left there
         for k, v in state.items():
             self.group.create_array(f"{prefix}/{k}", data=np.asarray(v, dtype=np.float32), overwrite=True,
                                     compressors=[Crc32cCodec()])
@@ -355,18 +354,19 @@ class CacheStore:
                     problems.append(f"parameters {p}/: file {key} missing")
                 elif file_checksum(data) != want:
                     problems.append(f"parameters {p}/: file {key} checksum mismatch (damaged)")
+            problems += self._uncovered(p + "/")  # e.g. an array left by an interrupted write
         return problems
 
-    def _uncovered(self) -> list[str]:
-        shards = {f"{name}/c/" for name in self.names}
-        params = {k for files in self.group.attrs.get("params", {}).values() for k in files}
-        out = []
-        for key in self._keys():
-            if key.endswith("zarr.json") or key in params or any(key.startswith(s) for s in shards) or \
-                    any(key.startswith(t + "/c/") for t in UNIT_TABLES):
-                continue
-            out.append(f"file {key} is covered by no recorded checksum (left by an interrupted write)")
-        return out
+    def _uncovered(self, prefix: str = "") -> list[str]:
+        """Files under `prefix` that no recorded checksum covers (parameter groups' own: with `prefix` only)."""
+        attrs = self.group.attrs
+        groups = tuple(p + "/" for p in set(attrs.get("params_expected", [])) | set(attrs.get("params", {})))
+        shards = tuple(f"{name}/c/" for name in [*self.names, *UNIT_TABLES])
+        recorded = {k for files in attrs.get("params", {}).values() for k in files}
+        return [f"file {key} is covered by no recorded checksum (left by an interrupted write)"
+                for key in self._keys(prefix)
+                if not (key.endswith("zarr.json") or key in recorded or key.startswith(shards)
+                        or (not prefix and key.startswith(groups)))]
 
     def bad_units(self) -> list[int]:
         """Units that fail verification (to be marked pending and rewritten)."""

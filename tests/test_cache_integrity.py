@@ -58,6 +58,10 @@ def test_every_file_is_covered(tmp_path):
     assert "file live_block/extra/c/0 is covered by no recorded checksum (left by an interrupted write)" in problems
     assert "file logits/c/9 is covered by no recorded checksum (left by an interrupted write)" not in problems
     assert len(problems) == 1  # logits/c/9 lies in the logits array's shard grid: zarr never reads it
+    store = CacheStore.open(path)
+    assert store.param_problems("live_block") == problems  # so `hakd cache` rewrites the group, stray file gone
+    store.write_params("live_block", PARAMS)
+    assert store.verify() == [] and not (path / "live_block" / "extra").exists()
 
 
 def test_live_block_written_as_a_unit(tmp_path):

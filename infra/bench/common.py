@@ -55,7 +55,7 @@ class Profile:
     analyze_repeats: int = 2
     threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
     store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
-    codec: str = "zstd"            # cache: cache.codec of the bench stores
+    codec: str = "lz4"             # cache: cache.codec of the bench stores
     codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
     feature_dtype: str = "float16"  # cache: cache.feature_dtype
     writers: int = 2               # cache: cache.writers (units written at once per worker)
