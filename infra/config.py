@@ -41,6 +41,7 @@ class DataConfig:
     texture_correlation: float = 0.85  # shapes only: P(texture matches class) in train and clean test
     occlusion_fraction: float = 0.4    # fraction of the patch grid covered in the occluded variant
     seed: int = 0                 # the dataset, its variants and its views are a function of this seed
+    verify_md5: bool = True       # cifar10 / stl10: refuse files whose md5 is not the official one (false: re-packed copies, test fixtures)
 
 
 @dataclass

@@ -17,6 +17,7 @@ Everything is a function of the files on disk and `data.seed`.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from torchvision import datasets
 
 from infra.config import DataConfig
+from infra.errors import UserError
 from teacher_cache.bias import TEXTURES, occlude_patches, texture_images
 
 REAL_DATASETS = ("cifar10", "stl10", "fashionmnist", "imagefolder")
@@ -49,12 +51,49 @@ _FILES = {
 }
 
 
-class _LocalCIFAR10(datasets.CIFAR10):
-    """CIFAR10 reading files already on disk: they must exist and parse, their md5 is not checked.
+# The official md5 of every file read (torchvision's). CIFAR-10's batches are Python pickles, which
+# can run code when read, so a file that is not the official one is refused before it is opened.
+# STL-10's are raw arrays; their md5 guards against damaged or foreign files. FashionMNIST has no
+# entry: torchvision's md5s are of the .gz archives, not of the IDX files read (parsed as arrays).
+_STL_LABELLED = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+_MD5 = {
+    "cifar10": {f"{_CIFAR.base_folder}/{f}": md5 for f, md5 in _CIFAR.train_list + _CIFAR.test_list}
+    | {f"{_CIFAR.base_folder}/{_CIFAR.meta['filename']}": _CIFAR.meta["md5"]},
+    "stl10": {f"{datasets.STL10.base_folder}/{f}": md5
+              for f, md5 in datasets.STL10.train_list + datasets.STL10.test_list if f in _STL_LABELLED},
+}
+_WHY_MD5 = {"cifar10": "CIFAR-10's batches are Python pickles, which can run code when read",
+            "stl10": "a damaged or foreign file would be read as images"}
 
-    torchvision compares every batch with the official md5, so a re-packed copy or a tiny test
-    fixture in the official format would be rejected. The md5 still guards downloads: with
-    `data.download` true the stock class is used.
+
+class ForeignDataFile(UserError, ValueError):
+    """A dataset file that is not the official one, refused before it is read."""
+
+
+@functools.lru_cache(maxsize=None)
+def _md5_matches(path: str, size: int, mtime_ns: int, md5: str) -> bool:  # size and mtime key the cache
+    return datasets.utils.check_integrity(path, md5)
+
+
+def _check_md5(data: DataConfig) -> None:
+    """Refuse (ForeignDataFile) a file under data.root whose md5 is not the official one (data.verify_md5)."""
+    if not data.verify_md5 or data.name not in _MD5:
+        return
+    for rel, md5 in _MD5[data.name].items():
+        path = Path(data.root) / rel
+        st = path.stat()
+        if not _md5_matches(str(path), st.st_size, st.st_mtime_ns, md5):
+            raise ForeignDataFile(
+                f"{path} is not the official {data.name} file (its md5 differs), so it is not read: "
+                f"{_WHY_MD5[data.name]}. Replace it with the official file (data.download=true fetches it), "
+                f"or set data.verify_md5=false for a copy you trust (re-packed, or a test fixture)")
+
+
+class _LocalCIFAR10(datasets.CIFAR10):
+    """CIFAR10 reading files already on disk, after `_check_md5` (torchvision's own check has no switch).
+
+    With data.verify_md5 false the files need only exist and parse: a re-packed copy or a tiny test
+    fixture in the official format. With `data.download` true the stock class is used.
     """
 
     train_list = [[f, None] for f, _ in datasets.CIFAR10.train_list]
@@ -63,7 +102,7 @@ class _LocalCIFAR10(datasets.CIFAR10):
 
 
 class _LocalSTL10(datasets.STL10):
-    """STL10 reading the labelled files already on disk, without the official md5 (see `_LocalCIFAR10`).
+    """STL10 reading the labelled files already on disk, after `_check_md5` (see `_LocalCIFAR10`).
 
     The stock integrity check also demands `unlabeled_X.bin` (2.6 GB), which the labelled splits
     never read; it is left out here.
@@ -104,6 +143,7 @@ def _torchvision_split(data: DataConfig, train: bool):
     split = "train" if train else "test"
     if data.name == "imagefolder" or not data.download:
         _require_files(data)
+        _check_md5(data)
     if data.name == "imagefolder":
         return datasets.ImageFolder(str(Path(data.root) / split))
     if data.name == "cifar10":

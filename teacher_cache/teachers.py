@@ -46,6 +46,7 @@ class TeacherSpec:
     head_prefix: str                            # state-dict prefix of the classifier head
     weights_hint: str = ""                      # where real weights are expected
     hub_files: tuple[str, ...] = field(default_factory=tuple)  # file names looked for in the hub caches
+    hf_repo: str = ""                           # Hugging Face model id whose cached snapshots hold hub_files
 
 
 def _vit_demo(num_classes: int, size: int) -> nn.Module:
@@ -79,7 +80,8 @@ TEACHERS: dict[str, TeacherSpec] = {s.name: s for s in [
     TeacherSpec("vit_b16_clip", "vit", _vit_b16_clip, 224, CLIP_MEAN, CLIP_STD, False, _last_block_input, "head.",
                 "timm vit_base_patch16_clip_224.openai: open_clip_pytorch_model.bin / model.safetensors from "
                 "the Hugging Face hub (timm/vit_base_patch16_clip_224.openai)",
-                ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")),
+                ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"),
+                "timm/vit_base_patch16_clip_224.openai"),
     TeacherSpec("wrn101", "cnn", _wrn101, 224, IMAGENET_MEAN, IMAGENET_STD, False, lambda net: ["layer3"], "fc.",
                 "torchvision wide_resnet101_2 ImageNet weights (wide_resnet101_2-d733dc28.pth or -32ee1156.pth)",
                 ("wide_resnet101_2-d733dc28.pth", "wide_resnet101_2-32ee1156.pth")),
@@ -148,24 +150,40 @@ class Teacher(nn.Module):
         return self.net.head if self.spec.kind == "vit" else self.net.fc
 
 
+def _hf_snapshots(hf_cache: Path, repo: str) -> list[Path]:
+    """The cached snapshots of Hugging Face model `repo`: the one refs/main names first, then newest first."""
+    model = hf_cache / ("models--" + repo.replace("/", "--"))
+    snapshots = sorted((model / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    main = model / "refs" / "main"
+    if main.is_file():
+        snapshots.sort(key=lambda p: p.name != main.read_text().strip())
+    return snapshots
+
+
 def find_weights(spec: TeacherSpec, weights: str | None) -> Path:
-    """The local weights file: the configured one, else the first match in the hub caches."""
+    """The local weights file: the configured one, else this teacher's own file in the hub caches.
+
+    Only the teacher's own entries are looked at: torch hub's checkpoints/<file name> and, for a Hugging
+    Face model, models--<org>--<name>/snapshots/<revision>/<file name>; never a same-named file of
+    another model.
+    """
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsMissing(f"teacher {spec.name}: weights file {path} does not exist")
         return path
-    roots = [Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints",
-             Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HF_HOME", "~/.cache/huggingface") + "/hub")).expanduser()]
-    for root in roots:
-        if root.is_dir():
-            for name in spec.hub_files:
-                hits = sorted(root.rglob(name))
-                if hits:
-                    return hits[0]
+    torch_hub = Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints"
+    hf_cache = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HF_HOME", "~/.cache/huggingface") + "/hub")).expanduser()
+    folders = [torch_hub] + (_hf_snapshots(hf_cache, spec.hf_repo) if spec.hf_repo else [])
+    for folder in folders:
+        for name in spec.hub_files:
+            if (folder / name).is_file():
+                return folder / name
+    places = [str(torch_hub)] + ([f"{hf_cache}/models--{spec.hf_repo.replace('/', '--')}/snapshots/<revision>"]
+                                 if spec.hf_repo else [])
     raise WeightsMissing(
         f"teacher {spec.name}: no weights found. Provide {spec.weights_hint}: set teacher_*.weights to the local "
-        f"file, or place it in one of {', '.join(str(r) for r in roots)} (this machine cannot download).")
+        f"file, or place it in {' or '.join(places)} (this machine cannot download).")
 
 
 def load_backbone_weights(teacher: Teacher, path: Path) -> None:

@@ -2,8 +2,8 @@
 
 The fixtures are written independently of torchvision's readers (pickled CIFAR batches, STL-10's
 column-major binaries, IDX files, PNG folders), so a loaded image equal to the written one proves
-the orientation and channel order. Their md5s differ from the official ones and STL-10 has no
-unlabeled_X.bin, so loading them also exercises the local (md5-free) readers.
+the orientation and channel order. Their md5s differ from the official ones (so they load with
+data.verify_md5 false, and are refused with it on) and STL-10 has no unlabeled_X.bin.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from infra.config import DataConfig
-from teacher_cache.real_datasets import MASK_THRESHOLD, class_names, load_real
+from teacher_cache.real_datasets import MASK_THRESHOLD, ForeignDataFile, class_names, load_real
 
 NATIVE = {"cifar10": 32, "stl10": 96, "fashionmnist": 28, "imagefolder": 24}
 N_TRAIN, N_TEST = 20, 30
@@ -118,7 +118,7 @@ WRITERS = {"cifar10": write_cifar10, "stl10": write_stl10, "fashionmnist": write
 def make(name: str, root: Path, **config) -> tuple[DataConfig, dict]:
     """Write dataset `name` under root; return its DataConfig (native size by default) and what was written."""
     written = WRITERS[name](root, np.random.default_rng(0))
-    config = {"image_size": NATIVE[name], "test_size": 0, **config}
+    config = {"image_size": NATIVE[name], "test_size": 0, "verify_md5": False, **config}
     return DataConfig(name=name, root=str(root), **config), written
 
 
@@ -263,3 +263,32 @@ def test_class_names(tmp_path):
     assert class_names("imagefolder", str(tmp_path)) == FOLDER_CLASSES
     with pytest.raises(ValueError, match="root"):
         class_names("imagefolder")
+
+
+class _RunsCode:
+    """Unpickling this creates the file `path`: stands for a pickle that runs code when read."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_foreign_cifar_batch_is_refused_before_it_is_unpickled(tmp_path):
+    data, _ = make("cifar10", tmp_path, verify_md5=True)  # the default
+    marker = tmp_path / "code_ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    with pytest.raises(ForeignDataFile) as e:
+        load_real(data, "train")
+    assert "cifar-10-batches-py/" in str(e.value) and "data.verify_md5=false" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+    assert DataConfig().verify_md5  # on unless turned off
+
+
+def test_stl10_files_are_checked_too(tmp_path):
+    data, _ = make("stl10", tmp_path, verify_md5=True)
+    with pytest.raises(ForeignDataFile, match="stl10_binary/train_X.bin is not the official stl10 file"):
+        load_real(data, "train")
