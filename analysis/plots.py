@@ -37,18 +37,35 @@ _EXTRA_COLOURS = ["#000000", "#7F7F7F", "#8C564B", "#BCBD22", "#17BECF", "#9467B
 
 
 def style(model: str) -> ModelStyle:
-    """The model's style; a model outside MODEL_STYLES keeps its name and gets a colour fixed by that name."""
+    """The model's style; a model outside MODEL_STYLES keeps its name and gets a colour fixed by that name.
+
+    A sweep's grid point of a student, "<student>@<key>=<value>", is named after the student and its point.
+    """
     if model in MODEL_STYLES:
         return MODEL_STYLES[model]
+    base, _, point = model.partition("@")
+    if point and base in MODEL_STYLES:
+        known = MODEL_STYLES[base]
+        return ModelStyle(f"{known.display} [{point}]", f"{known.short} at {point}",
+                          _EXTRA_COLOURS[zlib.crc32(model.encode()) % len(_EXTRA_COLOURS)])
     # crc32 rather than hash(): str hashes change between interpreter runs
     return ModelStyle(model, model, _EXTRA_COLOURS[zlib.crc32(model.encode()) % len(_EXTRA_COLOURS)])
 
 
 def order_models(models: Iterable[str]) -> list[str]:
-    """Distinct models in MODEL_STYLES order, unknown ones after them in their given order."""
+    """Distinct models in MODEL_STYLES order (a sweep's grid points beside their student), unknown ones last."""
     known = list(MODEL_STYLES)
     unique = list(dict.fromkeys(models))
-    return sorted(unique, key=lambda m: known.index(m) if m in known else len(known) + unique.index(m))
+
+    def rank(m: str) -> tuple[int, int]:
+        base = m.partition("@")[0]
+        return (known.index(base) if base in known else len(known), unique.index(m))
+    return sorted(unique, key=rank)
+
+
+def file_stem(model: str) -> str:
+    """A file-name-safe form of a model name (grid points hold '=', ',' and '.')."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in model)
 
 
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
@@ -202,4 +219,26 @@ def plot_gradcam_grid(grid: dict, path: Path) -> Path:
                 ax.set_title(str(names[int(labels[c])]), fontsize=8)
             if c == 0:
                 ax.set_ylabel(textwrap.fill(style(model).display, 16), fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sweep(series: dict, points: list[str], measures: list[tuple[str, str, float]], path: Path) -> Path:
+    """One panel per measure: mean ± std over seeds against the grid point, one line per student.
+
+    series: {student: {measure: [stats dict or None per point]}}; measures: [(key, axis label, scale)].
+    """
+    fig, axes = _new_figure(3.6 * max(1, len(measures)), 3.6, ncols=max(1, len(measures)))
+    x = np.arange(len(points))
+    for ax, (key, label, scale) in zip(axes, measures):
+        for student in order_models(series):
+            stats = series[student][key]
+            mean = np.array([np.nan if not s or s.get("mean") is None else s["mean"] for s in stats]) * scale
+            std = np.array([np.nan if not s or s.get("std") is None else s["std"] for s in stats]) * scale
+            ax.errorbar(x, mean, yerr=np.nan_to_num(std), marker="o", markersize=3.5, capsize=3, linewidth=1.5,
+                        color=style(student).colour, label=style(student).display)
+        ax.set_xticks(x, points, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("grid point")
+    _legend_below(fig, axes[0])
     return _save(fig, path)

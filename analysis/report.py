@@ -1,103 +1,45 @@
 """The experiment report: metrics.json, report.md, a self-contained report.html and PNG plots.
 
-`write_report` turns the metrics dict of one run into a document: Table 1 (accuracy per test
-variant, laid out like the paper's), findings computed from the numbers, then one section per
-measure with its definition, plot and table. Any section, or any model within one, may be missing;
-the report then says "not measured" instead of failing. The document is built once as a list of
-blocks and rendered twice, to Markdown (plots as files beside it) and to HTML (plots embedded).
+`write_report` turns the metrics dict of one run into a document: warnings, the paper's premise as
+measured on the teachers, Table 1 (accuracy per test variant, laid out like the paper's, with the
+paper's published numbers for the real data sets), the findings, then one section per measure with
+its definition, plot and table, and a sweep section when the config swept a training setting.
+Students are measured once per seed: tables show mean ± standard deviation [95% t-interval] over the
+seeds, plots the means (analysis/stats.py). Any section, or any model within one, may be missing;
+the report then says "not measured". The document is built once as a list of blocks and rendered
+twice, to Markdown (plots as files beside it) and to HTML (plots embedded).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Callable, NamedTuple
-
-import numpy as np
+from typing import Callable
 
 from analysis import plots
 from analysis.document import Heading, Image, Para, Table, to_html, to_markdown
+from analysis.findings import INDEPENDENT, KD, LOGIT_KD, findings, most_accurate, premise, stat, warnings
 from analysis.plots import order_models, style
+from analysis.quantities import FRACTION, PERCENT, Scale, eps_text, fmt, fmt_stat, jsonable
+from analysis.stats import MODEL_SECTIONS
 
-KD, CONTROL, INDEPENDENT, LOGIT_KD = "student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd"
-DEFAULT_PAIRS = {KD: "teacher_vit", CONTROL: "teacher_cnn"}
+DEFAULT_PAIRS = {KD: "teacher_vit", "student_kd_cnn": "teacher_cnn"}
 # Table 1's "Distillation" column for students without a feature-distillation teacher
 UNPAIRED = {INDEPENDENT: "none (CE only)", LOGIT_KD: "ViT → ResNet (logits)"}
-COMPARED = [CONTROL, INDEPENDENT, LOGIT_KD]  # what the KD student is compared with in the findings
 GRADCAM_MEASURES = ["entropy", "mass50", "mass90", "energy_inside", "rank_corr_teacher"]
+# The paper's Table 1 (Aftab et al.), top-1 %, one number per model on its treated test set
+PUBLISHED = {
+    "cifar10": {"teacher_vit": 91.68, KD: 78.17, "teacher_cnn": 79.91, "student_kd_cnn": 79.78},
+    "stl10": {"teacher_vit": 95.16, KD: 36.825, "teacher_cnn": 90.00, "student_kd_cnn": 26.65},
+    "fashionmnist": {"teacher_vit": 83.31, KD: 32.49, "teacher_cnn": 76.21, "student_kd_cnn": 45.86},
+}
+PUBLISHED_SET = {"cifar10": "CIFAR-10 unchanged (control)", "stl10": "STL-10 with occlusions added",
+                 "fashionmnist": "FashionMNIST with texture changes"}
+VARIANT_TEXT = {
+    "clean": "*clean*, the test images as they are",
+    "occluded": "*occluded*, the same images with part of them covered by mean-grey patches",
+    "texture": "*texture*, the objects filled or backed with other textures",
+}
 
-
-# ---- numbers ----
-
-def _value(x) -> float:
-    """A float, nan for None or anything missing."""
-    return float("nan") if x is None else float(x)
-
-
-class Scale(NamedTuple):
-    """How a quantity is shown: value * factor, rounded to `decimals`, then `suffix`; differences in `unit`."""
-    factor: float
-    decimals: int
-    suffix: str
-    unit: str
-
-
-PERCENT = Scale(100, 2, "%", " points")
-FRACTION = Scale(1, 3, "", "")
-
-
-def _shown(x, scale: Scale) -> float:
-    return round(_value(x) * scale.factor, scale.decimals)
-
-
-def _fmt(x, scale: Scale = FRACTION) -> str:
-    """The value as shown in tables and sentences; an em dash when not measured."""
-    v = _shown(x, scale)
-    return f"{v:.{scale.decimals}f}{scale.suffix}" if math.isfinite(v) else "—"
-
-
-def _versus(values: dict, subject: str, others: list[str], scale: Scale) -> str | None:
-    """'3.45 points higher than the control student (77.78%) and 1.00 points lower than ...'.
-
-    Compares values[subject] with each of `others` that has a number; the difference is taken
-    between the shown (rounded) values so that the sentence agrees with its own numbers.
-    None when there is nothing to compare.
-    """
-    a = _shown(values.get(subject), scale)
-    parts = []
-    for other in others:
-        b = _shown(values.get(other), scale)
-        if other == subject or not (math.isfinite(a) and math.isfinite(b)):
-            continue
-        diff = round(a - b, scale.decimals)
-        where = f"{style(other).short} ({_fmt(values[other], scale)})"
-        if diff == 0:
-            parts.append(f"equal to {where}")
-        else:
-            parts.append(f"{abs(diff):.{scale.decimals}f}{scale.unit} {'higher' if diff > 0 else 'lower'} than {where}")
-    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else (parts[0] if parts else None)
-
-
-def _eps(eps: float) -> str:
-    """An L-inf budget as k/255 when it is one (the usual way to quote it), else as a decimal."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
-def _jsonable(obj):
-    """Plain JSON types: numpy scalars and arrays unwrapped, NaN and infinities as None."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-# ---- Table 1 and findings ----
 
 def _variants(metrics: dict) -> list[str]:
     listed = metrics.get("meta", {}).get("variants")
@@ -111,16 +53,53 @@ def _family(teacher: str) -> str:
     return style(teacher).display
 
 
-def _table1(metrics: dict) -> list:
+def _spread_note(metrics: dict) -> str:
+    seeds = metrics.get("seeds") or []
+    if len(seeds) > 1:
+        return (f"Students: mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+                f"[95% t-interval of the mean]. Teachers are one run each: no spread.")
+    return "One run per model: no spread over seeds, so no difference below can be called supported."
+
+
+# ---- a sweep: one view of the metrics per grid point ----
+
+def _points(metrics: dict) -> list[tuple[str, dict]]:
+    """[(grid label, metrics with that point's students under their plain names)]; [("", metrics)] without a sweep."""
+    labels = list(dict.fromkeys(m.split("@", 1)[1] for m in metrics.get("meta", {}).get("models", []) if "@" in m))
+    if not labels:
+        return [("", metrics)]
+    return [(label, _view(metrics, label)) for label in labels]
+
+
+def _view(metrics: dict, label: str) -> dict:
+    def pick(section: dict) -> dict:
+        return {(k.split("@", 1)[0]): v for k, v in section.items() if "@" not in k or k.endswith("@" + label)}
+    view = dict(metrics)
+    for key in (*MODEL_SECTIONS, "stats", "cka_initial"):
+        if isinstance(metrics.get(key), dict):
+            view[key] = pick(metrics[key])
+    meta = dict(metrics.get("meta", {}))
+    meta["models"] = list(pick({m: None for m in meta.get("models", [])}))
+    view["meta"] = meta
+    return view
+
+
+# ---- Table 1 ----
+
+def _table1(metrics: dict, heading: str) -> list:
     """Accuracy (%) per variant: each teacher followed by its students (meta.pairs), then the unpaired students."""
     accuracy, meta = metrics.get("accuracy") or {}, metrics.get("meta", {})
-    blocks = [Heading(2, "Table 1: top-1 accuracy (%) per test variant")]
+    blocks = [Heading(2, heading)]
     if not accuracy:
         return blocks + [Para("Accuracy was not measured.")]
     variants, arch = _variants(metrics), meta.get("teachers", {})
+    published = PUBLISHED.get(meta.get("dataset"))
     models = order_models([*meta.get("models", []), *accuracy])
-    cells = lambda m: [_fmt(accuracy.get(m, {}).get(v), PERCENT).rstrip("%") for v in variants]
-    students_of: dict[str, list[str]] = {}
+
+    def cells(m: str) -> list[str]:
+        row = [fmt_stat(stat(metrics, m, f"accuracy.{v}"), PERCENT, table=True) for v in variants]
+        return row + ([f"{published[m]:.2f}" if m in published else "—"] if published else [])
+    students_of: dict[str, list[str]] = {m: [] for m in models if m.startswith("teacher")}
     for student, teacher in (meta.get("pairs") or DEFAULT_PAIRS).items():
         if student in models:
             students_of.setdefault(teacher, []).append(student)
@@ -132,138 +111,57 @@ def _table1(metrics: dict) -> list:
         placed |= {teacher, *students_of[teacher]}
     for m in models:
         if m not in placed:
-            role = "Student" if m.startswith("student") else "—"
-            rows.append([UNPAIRED.get(m, "—"), role, style(m).display, *cells(m)])
-    return blocks + [Table(["Distillation", "Role", "Model", *variants], rows),
-                     Para("— : not measured. Students are ResNets; the teacher's architecture is in parentheses.")]
-
-
-def _accuracy_findings(metrics: dict) -> list[str]:
-    """Per bias variant (clean only if there is no other): the most accurate student, the KD student vs the others."""
-    accuracy, out = metrics.get("accuracy") or {}, []
-    variants = _variants(metrics)
-    for v in [v for v in variants if v != "clean"] or variants:
-        scores = {m: accuracy[m].get(v) for m in order_models(accuracy) if m.startswith("student")}
-        scores = {m: s for m, s in scores.items() if math.isfinite(_shown(s, PERCENT))}
-        if not scores:
-            continue
-        top = max(_shown(s, PERCENT) for s in scores.values())
-        best = [m for m, s in scores.items() if _shown(s, PERCENT) == top]
-        names = " and ".join(style(m).short for m in best)
-        lead = (f"On *{v}*, the most accurate student{'s are' if len(best) > 1 else ' is'} {names} "
-                f"({_fmt(scores[best[0]], PERCENT)})")
-        versus = _versus(scores, KD, COMPARED, PERCENT) if KD in scores else None
-        if versus is None:
-            out.append(lead + ".")
-        elif best == [KD]:
-            out.append(f"{lead}, {versus}.")
-        else:
-            out.append(f"{lead}; {style(KD).short} ({_fmt(scores[KD], PERCENT)}) is {versus}.")
-    return out
-
-
-def _kd_sentence(values: dict, scale: Scale, sentence: Callable[[str, str], str],
-                 others: list[str] = COMPARED) -> str | None:
-    """sentence(KD value, comparison) for the KD student, when it and something to compare with exist."""
-    versus = _versus(values, KD, others, scale)
-    return None if versus is None else sentence(_fmt(values[KD], scale), versus)
-
-
-def _at_largest(section: dict, x_key: str) -> tuple[float, dict[str, float]] | None:
-    """The KD student's largest x and every model's y at that same x (models without it left out)."""
-    if KD not in section or not section[KD][x_key]:
-        return None
-    x = max(section[KD][x_key])
-    return x, {m: c["accuracy"][list(c[x_key]).index(x)] for m, c in section.items() if x in list(c[x_key])}
-
-
-def _gradcam_finding(gradcam: dict) -> str | None:
-    """Entropy and mass90 of the KD student's maps against each other student's: more global = both higher."""
-    if KD not in gradcam:
-        return None
-    kd = {k: _shown(gradcam[KD].get(k), FRACTION) for k in ("entropy", "mass90")}
-    if not all(math.isfinite(v) for v in kd.values()):
-        return None
-    parts = []
-    for other in COMPARED:
-        if other not in gradcam:
-            continue
-        o = {k: _shown(gradcam[other].get(k), FRACTION) for k in kd}
-        if not all(math.isfinite(v) for v in o.values()):
-            continue
-        rel = {k: "higher" if kd[k] > o[k] else "lower" if kd[k] < o[k] else "equal" for k in kd}
-        if rel["entropy"] == rel["mass90"]:
-            verdict = {"higher": "both are higher (more global)", "lower": "both are lower (more local)",
-                       "equal": "both are equal"}[rel["entropy"]]
-        else:
-            verdict = f"entropy is {rel['entropy']} and mass90 {rel['mass90']} (the two measures disagree)"
-        parts.append(f"against {style(other).short} ({o['entropy']:.3f} and {o['mass90']:.3f}) {verdict}")
-    if not parts:
-        return None
-    return (f"The KD student's GradCAM maps have entropy {kd['entropy']:.3f} and mass90 {kd['mass90']:.3f}; "
-            + "; ".join(parts) + ".")
-
-
-def _findings(metrics: dict) -> list:
-    """Sentences computed from the numbers; each only when its numbers exist."""
-    sentences = _accuracy_findings(metrics)
-    fourier = metrics.get("fourier") or {}
-    sentences.append(_kd_sentence({m: f.get("low_frequency_reliance") for m, f in fourier.items()}, FRACTION,
-                                  lambda kd, vs: f"The KD student's low-frequency reliance is {kd}, {vs}."))
-    initial = metrics.get("cka_initial") or {}
-    layers = f"{initial.get('layer', '?')} vs the ViT teacher's {initial.get('teacher_layer', '?')}"
-    sentences.append(_kd_sentence(initial, FRACTION, lambda kd, vs: f"In the initial layers ({layers}), the KD "
-                                  f"student's CKA with the ViT teacher is {kd}, {vs}.",
-                                  others=[INDEPENDENT, CONTROL, LOGIT_KD]))
-    sentences.append(_gradcam_finding(metrics.get("gradcam") or {}))
-    shape = metrics.get("shape_bias") or {}
-    sentences.append(_kd_sentence({m: s.get("shape_bias") for m, s in shape.items()}, FRACTION,
-                                  lambda kd, vs: f"The KD student's shape bias is {kd}, {vs}."))
-    occluded = _at_largest(metrics.get("occlusion") or {}, "fraction")
-    if occluded:
-        sentences.append(_kd_sentence(occluded[1], PERCENT, lambda kd, vs: f"With {occluded[0]:.0%} of the image "
-                                      f"occluded, the KD student's accuracy is {kd}, {vs}."))
-    adversarial = metrics.get("adversarial") or {}
-    for attack in ("fgsm", "pgd"):
-        largest = _at_largest({m: a[attack] for m, a in adversarial.items() if attack in a}, "eps")
-        if largest:
-            sentences.append(_kd_sentence(largest[1], PERCENT, lambda kd, vs: f"Under {attack.upper()} at the largest "
-                                          f"ε ({_eps(largest[0])}), the KD student keeps {kd} accuracy, {vs}."))
-    missing = [title for title, keys, _ in SECTIONS if not _measured(metrics, keys)]
-    if missing:
-        sentences.append("Not measured: " + ", ".join(missing) + ".")
-    return [Heading(2, "Findings"), Para(" ".join(s for s in sentences if s))]
+            rows.append([UNPAIRED.get(m, "—"), "Student" if m.startswith("student") else "—", style(m).display, *cells(m)])
+    header = ["Distillation", "Role", "Model", *variants] + (["paper (published)"] if published else [])
+    notes = ["— : not measured. Students are ResNets; the teacher's architecture is in parentheses. "
+             + _spread_note(metrics)]
+    if published:
+        notes.append(f"*paper (published)*: the paper's Table 1 for {PUBLISHED_SET[meta['dataset']]}, one number per "
+                     f"model, beside the numbers measured here; the paper does not report an independent student.")
+    return blocks + [Table(header, rows), *map(Para, notes)]
 
 
 # ---- one section per measure: definition, plot, table ----
 
-def _curve_table(section: dict, x_key: str, y_key: str, x_label: Callable[[float], str]) -> Table:
-    """Rows: models; columns: every x measured by any model; cells: y (%) or a dash."""
+def _curve_table(metrics: dict, section: dict, x_key: str, measure: Callable[[float], str],
+                 x_label: Callable[[float], str], y_key: str = "accuracy") -> Table:
+    """Rows: models; columns: every x measured by any model; cells: mean ± spread (%) or a dash."""
+    xs = sorted({float(x) for c in section.values() for x in c[x_key]})
+    rows = []
+    for m in order_models(section):
+        measured = {float(x) for x in section[m][x_key]}
+        rows.append([style(m).display, *(fmt_stat(stat(metrics, m, measure(x)), PERCENT, table=True)
+                                         if x in measured else "—" for x in xs)])
+    return Table(["Model", *map(x_label, xs)], rows)
+
+
+def _mean_curve_table(section: dict, x_key: str, y_key: str, x_label: Callable[[float], str]) -> Table:
+    """Rows: models; columns: every x; cells: the mean over seeds (%)."""
     xs = sorted({float(x) for c in section.values() for x in c[x_key]})
     rows = []
     for m in order_models(section):
         by_x = {float(x): y for x, y in zip(section[m][x_key], section[m][y_key])}
-        rows.append([style(m).display, *(_fmt(by_x.get(x), PERCENT) for x in xs)])
+        rows.append([style(m).display, *(fmt(by_x.get(x), PERCENT) for x in xs)])
     return Table(["Model", *map(x_label, xs)], rows)
 
 
 def _accuracy_section(metrics: dict, out: Path) -> tuple[list, dict]:
     path = plots.plot_accuracy(metrics["accuracy"], _variants(metrics), out / "accuracy.png")
-    blocks = [Image(path, "Top-1 accuracy per test variant"), Para("The numbers are in Table 1.")]
-    return blocks, {"plot_accuracy": path}
+    return [Image(path, "Top-1 accuracy per test variant (mean over seeds)"), Para("The numbers are in Table 1.")], \
+        {"plot_accuracy": path}
 
 
 def _fourier_section(metrics: dict, out: Path) -> tuple[list, dict]:
     fourier = metrics["fourier"]
     path = plots.plot_fourier(fourier, out / "fourier.png")
-    rows = [[style(m).display, _fmt(fourier[m].get("clean"), PERCENT),
-             *(_fmt(fourier[m].get(k)) for k in ("low_frequency_reliance", "high_frequency_reliance"))]
-            for m in order_models(fourier)]
-    summary = Table(["Model", "clean accuracy", "low-frequency reliance", "high-frequency reliance"], rows)
-    blocks = [Image(path, "Accuracy on low-pass and high-pass filtered images"), summary]
+    rows = [[style(m).display, fmt(fourier[m].get("clean"), PERCENT),
+             *(fmt_stat(stat(metrics, m, f"fourier.{k}"), FRACTION, table=True)
+               for k in ("low_frequency_reliance", "high_frequency_reliance"))] for m in order_models(fourier)]
+    blocks = [Image(path, "Accuracy on low-pass and high-pass filtered images (mean over seeds)"),
+              Table(["Model", "clean accuracy", "low-frequency reliance", "high-frequency reliance"], rows)]
     for key, kind in (("low", "low-pass"), ("high", "high-pass")):
-        blocks += [Para(f"Accuracy on {kind} filtered images, by radius:"),
-                   _curve_table(fourier, "radius", key, lambda r: f"r={r:.2f}")]
+        blocks += [Para(f"Accuracy on {kind} filtered images, by radius (mean over seeds):"),
+                   _mean_curve_table(fourier, "radius", key, lambda r: f"r={r:.2f}")]
     return blocks, {"plot_fourier": path}
 
 
@@ -274,16 +172,18 @@ def _cka_section(metrics: dict, out: Path) -> tuple[list, dict]:
     if students:
         blocks += [Para(f"Initial layers: student {initial.get('layer', '?')} vs ViT teacher "
                         f"{initial.get('teacher_layer', '?')}."),
-                   Table(["Model", "linear CKA"], [[style(m).display, _fmt(initial[m])] for m in students])]
+                   Table(["Model", "linear CKA"], [[style(m).display, fmt_stat(stat(metrics, m, "cka_initial"), table=True)
+                                                    if stat(metrics, m, "cka_initial") else fmt(initial[m])]
+                                                   for m in students])]
     teacher = (metrics.get("meta", {}).get("pairs") or DEFAULT_PAIRS).get(KD, "teacher_vit")
     cka = metrics.get("cka") or {}
     for m in order_models(cka):
         entry = cka[m]
-        path = paths[f"plot_cka_{m}"] = plots.plot_cka(entry, m, teacher, out / f"cka_{m}.png")
+        path = paths[f"plot_cka_{m}"] = plots.plot_cka(entry, m, teacher, out / f"cka_{plots.file_stem(m)}.png")
         blocks += [Heading(3, style(m).display),
-                   Image(path, f"Linear CKA, {style(m).display} vs {style(teacher).display}"),
+                   Image(path, f"Linear CKA, {style(m).display} vs {style(teacher).display} (mean over seeds)"),
                    Table(["student \\ teacher layer", *entry["teacher_layers"]],
-                         [[layer, *map(_fmt, row)] for layer, row in zip(entry["student_layers"], entry["matrix"])])]
+                         [[layer, *map(fmt, row)] for layer, row in zip(entry["student_layers"], entry["matrix"])])]
     return blocks, paths
 
 
@@ -291,27 +191,43 @@ def _gradcam_section(metrics: dict, out: Path) -> tuple[list, dict]:
     gradcam = metrics["gradcam"]
     path = plots.plot_gradcam_measures(gradcam, GRADCAM_MEASURES, out / "gradcam_measures.png")
     table = Table(["Model", *GRADCAM_MEASURES],
-                  [[style(m).display, *(_fmt(gradcam[m].get(k)) for k in GRADCAM_MEASURES)]
+                  [[style(m).display, *(fmt_stat(stat(metrics, m, f"gradcam.{k}"), table=True) for k in GRADCAM_MEASURES)]
                    for m in order_models(gradcam)])
-    return [Image(path, "GradCAM measures, means over images"), table], {"plot_gradcam": path}
+    return [Para(_resampling(metrics)), Image(path, "GradCAM measures, means over images and seeds"), table], \
+        {"plot_gradcam": path}
+
+
+def _resampling(metrics: dict) -> str:
+    """How maps of different resolutions were brought to one grid, as the analysis recorded it."""
+    grid = metrics.get("meta", {}).get("gradcam_common_grid")
+    if not grid:
+        return "The grid on which the GradCAM maps were compared was not recorded."
+    native = "; ".join(f"{style(m).display} {'×'.join(map(str, hw))}" for m, hw in (grid.get("native") or {}).items())
+    return (f"Maps are compared on one common {'×'.join(map(str, grid.get('size', [])))} grid: "
+            f"{grid.get('resampling', 'resampling not recorded')}" + (f". Native map sizes: {native}." if native else "."))
 
 
 def _occlusion_section(metrics: dict, out: Path) -> tuple[list, dict]:
     occlusion = metrics["occlusion"]
     path = plots.plot_occlusion(occlusion, out / "occlusion.png")
-    return [Image(path, "Accuracy against the occluded fraction of the image"),
-            _curve_table(occlusion, "fraction", "accuracy", lambda f: f"{f:.0%} occluded")], {"plot_occlusion": path}
+    return [Image(path, "Accuracy against the occluded fraction of the image (mean over seeds)"),
+            _curve_table(metrics, occlusion, "fraction", lambda f: f"occlusion@{f:g}", lambda f: f"{f:.0%} occluded")], \
+        {"plot_occlusion": path}
 
 
 def _adversarial_section(metrics: dict, out: Path) -> tuple[list, dict]:
     adversarial = metrics["adversarial"]
     path = plots.plot_adversarial(adversarial, out / "adversarial.png")
-    blocks = [Image(path, "Accuracy under FGSM and PGD against the L∞ budget ε")]
+    n = metrics.get("meta", {}).get("adversarial_images")
+    subset = (f"Measured on a subset: the first {n} clean test images (analysis.adversarial_samples), not the "
+              f"whole test set." if n else "Measured on the first analysis.adversarial_samples clean test images.")
+    blocks = [Para(subset), Image(path, "Accuracy under FGSM and PGD against the L∞ budget ε (mean over seeds)")]
     for attack in ("fgsm", "pgd"):
         section = {m: a[attack] for m, a in adversarial.items() if attack in a}
         if section:
             blocks += [Para(f"{attack.upper()} accuracy, by ε:"),
-                       _curve_table(section, "eps", "accuracy", lambda e: f"ε={_eps(e)}")]
+                       _curve_table(metrics, section, "eps", lambda e, a=attack: f"adversarial.{a}@{e:g}",
+                                    lambda e: f"ε={eps_text(e)}")]
         else:
             blocks.append(Para(f"{attack.upper()}: not measured."))
     return blocks, {"plot_adversarial": path}
@@ -320,16 +236,13 @@ def _adversarial_section(metrics: dict, out: Path) -> tuple[list, dict]:
 def _shape_bias_section(metrics: dict, out: Path) -> tuple[list, dict]:
     shape = metrics["shape_bias"]
     counts = ("shape_decisions", "texture_decisions", "n")
-    rows = [[style(m).display, _fmt(shape[m].get("shape_bias")), *(str(shape[m].get(k, "—")) for k in counts)]
-            for m in order_models(shape)]
-    return [Table(["Model", "shape bias", "shape decisions", "texture decisions", "cue-conflict images"], rows)], {}
+    rows = [[style(m).display, fmt_stat(stat(metrics, m, "shape_bias"), table=True),
+             *(fmt(shape[m].get(k), Scale(1, 1, "", "")) for k in counts)] for m in order_models(shape)]
+    return [Table(["Model", "shape bias", "shape decisions", "texture decisions", "cue-conflict images"], rows),
+            Para("Decision counts are means over seeds.")], {}
 
 
 DEFINITIONS = {
-    "Accuracy": (
-        "Top-1 accuracy (%) on one test set per variant: *clean* images; *occluded*, the same images with "
-        "part of them covered by mean-grey patches; *texture*, shapes filled with another class's texture "
-        "(shape and texture cues conflict). Higher is better; chance is 100% / number of classes."),
     "Fourier analysis": (
         "Accuracy (%) on images filtered in the Fourier domain (Wang et al. 2020). A low-pass filter keeps "
         "the spatial frequencies of radius ≤ r, a high-pass filter those above r; r is a fraction of the "
@@ -346,7 +259,7 @@ DEFINITIONS = {
         "the paper's initial-layer comparison."),
     "GradCAM attention": (
         "GradCAM maps (ReLU of the gradient-weighted activations of the model's last stage), raw rather than "
-        "min-max scaled, on a common grid; each measure is a mean over images. *entropy*: entropy of the map "
+        "min-max scaled; each measure is a mean over images. *entropy*: entropy of the map "
         "as a distribution divided by log(number of pixels), in [0, 1], 1 for a uniform map. *mass50* / "
         "*mass90*: the smallest fraction of pixels holding 50% / 90% of the map's mass. For these three, "
         "higher = more global attention. *energy_inside*: fraction of the mass on the object (higher = "
@@ -376,13 +289,17 @@ SECTIONS = [
 ]
 
 
+def _definition(name: str, metrics: dict) -> str:
+    if name != "Accuracy":
+        return DEFINITIONS[name]
+    variants = [VARIANT_TEXT.get(v, f"*{v}*") for v in _variants(metrics)]
+    return (f"Top-1 accuracy (%) on one test set per variant: {'; '.join(variants) or 'none measured'}. "
+            f"Higher is better; chance is 100% / number of classes.")
+
+
 def _models_in(metrics: dict, keys: list[str]) -> set[str]:
     """The models with an entry in any of these sections (cka_initial also names its layers)."""
     return {m for k in keys for m in (metrics.get(k) or {})} - {"layer", "teacher_layer"}
-
-
-def _measured(metrics: dict, keys: list[str]) -> bool:
-    return bool(_models_in(metrics, keys))
 
 
 def _not_measured_for(metrics: dict, keys: list[str]) -> Para | None:
@@ -393,45 +310,68 @@ def _not_measured_for(metrics: dict, keys: list[str]) -> Para | None:
     return Para("Not measured for: " + ", ".join(missing) + ".") if missing else None
 
 
+def _findings_blocks(metrics: dict, heading: str) -> list:
+    sentences = [most_accurate(metrics, v) for v in _variants(metrics)] + findings(metrics)
+    missing = [title for title, keys, _ in SECTIONS if not _models_in(metrics, keys)]
+    if missing:
+        sentences.append("Not measured: " + ", ".join(missing) + ".")
+    blocks = [Heading(2, heading), Para("A difference is supported only when the 95% interval of the difference of "
+                                        "the two models' means (Welch, over seeds) excludes 0. " + _spread_note(metrics))]
+    return blocks + [Para(s) for s in sentences if s]
+
+
 def _meta_blocks(meta: dict) -> list:
     rows = [["teacher " + t, a] for t, a in meta.get("teachers", {}).items()]
     rows += [["config digest", str(meta["config_digest"])]] if "config_digest" in meta else []
-    rows += [[f"time: {stage}", f"{_value(s):.1f} s"] for stage, s in meta.get("seconds", {}).items()]
+    rows += [[f"time: {stage}", f"{float(s):.1f} s"] for stage, s in meta.get("seconds", {}).items() if s is not None]
     return [Heading(2, "Run details"), Table(["Item", "Value"], rows)] if rows else []
 
 
 def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None) -> dict[str, Path]:
     """Write metrics.json, report.md, report.html and the PNG plots into out_dir.
 
-    metrics: the run's metrics dict (sections "meta", "accuracy", "cka", "cka_initial", "fourier",
-    "gradcam", "occlusion", "adversarial", "shape_bias"; any may be missing). gradcam_grid: optional
-    {"images": uint8 (S, H, W, 3), "labels": int (S,), "class_names": [str], "maps": {model: (S, h, w)}}
+    metrics: the run's metrics dict (sections "meta", "seeds", "stats", "accuracy", "cka", "cka_initial",
+    "fourier", "gradcam", "occlusion", "adversarial", "shape_bias"; any may be missing). gradcam_grid:
+    optional {"images": uint8 (S, H, W, 3), "labels": int (S,), "class_names": [str], "maps": {model: (S, h, w)}}
     for a figure of maps over images. Returns {"markdown", "html", "metrics", "plot_*": path}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out_dir / "metrics.json"}
-    paths["metrics"].write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    paths["metrics"].write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
     meta = metrics.get("meta", {})
     title = f"hakd report: {meta.get('dataset', 'unknown dataset')}"
-    blocks = [Heading(1, title),
+    blocks = [Heading(1, title), *(Para(w) for w in warnings(metrics)),
               Para(f"Dataset: {meta.get('dataset', 'unknown')} · commit: {meta.get('commit', 'unknown')} · "
                    f"created: {meta.get('created', 'unknown')}"),
-              *_table1(metrics), *_findings(metrics)]
+              Heading(2, "Premise (measured on the teachers)"), *(Para(p) for p in premise(metrics))]
+    points = _points(metrics)
+    for label, view in points:
+        at = f" at {label}" if label else ""
+        blocks += _table1(view, f"Table 1: top-1 accuracy (%) per test variant{at}")
+        blocks += _findings_blocks(view, f"Findings{at}")
+    if len(points) > 1:
+        section, plot_paths = sweep_section(metrics, out_dir)
+        blocks += section
+        paths.update(plot_paths)
     for name, keys, build in SECTIONS:
-        blocks += [Heading(2, name), Para(DEFINITIONS[name])]
-        if _measured(metrics, keys):
+        blocks += [Heading(2, name), Para(_definition(name, metrics))]
+        if _models_in(metrics, keys):
             section_blocks, plot_paths = build(metrics, out_dir)
             blocks += section_blocks
             paths.update(plot_paths)
             if note := _not_measured_for(metrics, keys):
                 blocks.append(note)
+        elif name == "Shape bias" and meta.get("shape_bias_note"):
+            note = meta["shape_bias_note"]
+            blocks.append(Para(note[0].upper() + note[1:] + "."))
         else:
             blocks.append(Para("Not measured."))
         if name == "GradCAM attention" and gradcam_grid is not None:
             path = paths["plot_gradcam_grid"] = plots.plot_gradcam_grid(gradcam_grid, out_dir / "gradcam_grid.png")
-            blocks.append(Image(path, "GradCAM maps (min-max scaled per map for display) over test images"))
+            blocks.append(Image(path, "GradCAM maps (min-max scaled per map for display; the first seed's students) "
+                                      "over test images"))
     blocks += _meta_blocks(meta)
 
     paths["markdown"] = out_dir / "report.md"
@@ -439,3 +379,32 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
     paths["html"] = out_dir / "report.html"
     paths["html"].write_text(to_html(blocks, title), encoding="utf-8")
     return paths
+
+
+# ---- a sweep: each measure against the swept value ----
+
+SWEEP_MEASURES = [("accuracy.clean", "clean accuracy", PERCENT), ("fourier.low_frequency_reliance",
+                  "low-frequency reliance", FRACTION), ("shape_bias", "shape bias", FRACTION),
+                  ("gradcam.entropy", "GradCAM entropy", FRACTION), ("cka_initial", "initial-layer CKA", FRACTION)]
+
+
+def sweep_section(metrics: dict, out: Path) -> tuple[list, dict]:
+    """A table (rows: student × grid point) and a plot of each measure against the swept value."""
+    sweep = metrics.get("meta", {}).get("sweep") or {}
+    points = [label for label, _ in _points(metrics)]
+    students = order_models(m.split("@", 1)[0] for m in metrics.get("meta", {}).get("models", []) if "@" in m)
+    measures = [(k, name, scale) for k, name, scale in SWEEP_MEASURES
+                if any(stat(metrics, f"{s}@{p}", k) for s in students for p in points)]
+    occluded = max((x for e in (metrics.get("occlusion") or {}).values() for x in e.get("fraction", [])), default=None)
+    if occluded:
+        measures.append((f"occlusion@{occluded:g}", f"accuracy, {occluded:.0%} occluded", PERCENT))
+    rows = [[style(s).display, p, *(fmt_stat(stat(metrics, f"{s}@{p}", k), scale, table=True) for k, _, scale in measures)]
+            for s in students for p in points]
+    series = {s: {k: [stat(metrics, f"{s}@{p}", k) for p in points] for k, _, _ in measures} for s in students}
+    path = plots.plot_sweep(series, points, [(k, f"{name}{' (%)' if scale is PERCENT else ''}", scale.factor)
+                                             for k, name, scale in measures], out / "sweep.png")
+    keys = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in sweep.items())
+    return [Heading(2, "Sweep"), Para(f"Swept: {keys}. Every grid point trains every student once per seed from the "
+                                      f"same caches and packed file. " + _spread_note(metrics)),
+            Table(["Student", "grid point", *(name for _, name, _ in measures)], rows),
+            Image(path, "Each measure against the swept value (mean ± standard deviation over seeds)")], {"plot_sweep": path}

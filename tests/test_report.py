@@ -5,6 +5,7 @@ import re
 import numpy as np
 
 from analysis.report import write_report
+from analysis.stats import summarize
 
 VARIANTS = ["clean", "occluded", "texture"]
 TEACHERS = ["teacher_vit", "teacher_cnn"]
@@ -112,43 +113,130 @@ def test_full_report(tmp_path):
     assert loaded == metrics
 
 
-def _two_students(kd, control, independent):
-    accuracy = {"student_kd_vit": {"occluded": kd}, "student_kd_cnn": {"occluded": control},
-                "student_independent": {"occluded": independent}}
-    return {"meta": {"variants": ["occluded"]}, "accuracy": accuracy}
+def _seeded(values: dict, variant: str = "occluded", num_classes: int = 10) -> dict:
+    """Metrics whose students have per-seed accuracies on one variant: {model: [acc per seed]}."""
+    stats = {m: {f"accuracy.{variant}": {**summarize(v), "seeds": list(range(len(v)))}} for m, v in values.items()}
+    return {"meta": {"variants": [variant], "num_classes": num_classes, "models": list(values)},
+            "seeds": [0, 1, 2], "accuracy": {m: {variant: float(np.mean(v))} for m, v in values.items()},
+            "stats": stats}
 
 
-def test_findings_follow_the_numbers(tmp_path):
-    findings = _findings(write_report(_two_students(0.8123, 0.7778, 0.8323), tmp_path)["markdown"].read_text())
-    assert "On *occluded*, the most accurate student is the independent student (83.23%)" in findings
-    assert "the KD student (81.23%) is 3.45 points higher than the control student (77.78%)" in findings
-    assert "2.00 points lower than the independent student (83.23%)" in findings
+def test_findings_say_whether_the_runs_separate_the_models(tmp_path):
+    metrics = _seeded({"student_kd_vit": [0.80, 0.81, 0.82], "student_kd_cnn": [0.70, 0.71, 0.72],
+                       "student_independent": [0.78, 0.82, 0.80]})
+    findings = _findings(write_report(metrics, tmp_path)["markdown"].read_text())
+    assert "mean ± standard deviation over 3 seeds" in findings
+    assert "On *occluded*, the most accurate student is the KD student (81.00% ± 1.00 (95% interval " in findings
+    # KD vs control: +10 points, interval (Welch, df 4) about 7.7 to 12.3: separated
+    assert "against the control student (71.00% ± 1.00 (95% interval 68.52–73.48)) +10.00 points " \
+           "(95% interval of the difference 7.73 to 12.27, Welch): the runs separate the models" in findings
+    assert "against the independent student (80.00% ± 2.00 (95% interval 75.03–84.97)) difference +1.00 points " \
+           "(95% interval -3.1" in findings and "includes 0): the runs do not separate the models" in findings
+    table1 = write_report(metrics, tmp_path)["markdown"].read_text().split("## Table 1", 1)[1].split("\n## ", 1)[0]
+    assert "| 81.00 ± 1.00 [78.52, 83.48] |" in table1
 
-    findings = _findings(write_report(_two_students(0.7778, 0.8123, 0.5), tmp_path)["markdown"].read_text())
-    assert "the most accurate student is the control student (81.23%)" in findings
-    assert "the KD student (77.78%) is 3.45 points lower than the control student (81.23%)" in findings
-    assert "27.78 points higher than the independent student (50.00%)" in findings
 
-
-def test_findings_for_the_other_measures(tmp_path):
+def test_single_runs_make_no_claim(tmp_path):
     metrics = _metrics()
     metrics["fourier"]["student_kd_vit"]["low_frequency_reliance"] = 0.8
     metrics["fourier"]["student_kd_cnn"]["low_frequency_reliance"] = 0.7
-    metrics["cka_initial"].update(student_kd_vit=0.73, student_independent=0.68)
-    metrics["gradcam"]["student_kd_vit"].update(entropy=0.9, mass90=0.7)
-    metrics["gradcam"]["student_kd_cnn"].update(entropy=0.8, mass90=0.6)
     metrics["adversarial"]["student_kd_vit"]["pgd"]["accuracy"][-1] = 0.1
     metrics["adversarial"]["student_kd_cnn"]["pgd"]["accuracy"][-1] = 0.25
     findings = _findings(write_report(metrics, tmp_path)["markdown"].read_text())
-    assert "low-frequency reliance is 0.800, 0.100 higher than the control student (0.700)" in findings
-    assert "CKA with the ViT teacher is 0.730, 0.050 higher than the independent student (0.680)" in findings
-    assert "against the control student (0.800 and 0.600) both are higher (more global)" in findings
-    assert "Under PGD at the largest ε (8/255), the KD student keeps 10.00% accuracy, " \
-           "15.00 points lower than the control student (25.00%)" in findings
+    assert "One run per model: no spread over seeds" in findings
+    assert "Low-frequency reliance: the KD student 0.800; against the control student (0.700) difference +0.100 " \
+           "from a single run on one side: no spread, so no claim" in findings
+    assert "Accuracy under PGD at ε = 8/255: the KD student 10.00%; against the control student (25.00%) " \
+           "difference -15.00 points" in findings
+    assert "separate the models" not in findings
+
+
+def test_premise_and_warnings_come_first(tmp_path):
+    metrics = _metrics()
+    metrics["meta"]["num_classes"] = 10
+    metrics["accuracy"]["teacher_vit"]["clean"] = 0.329  # the demo ViT on sklearn digits: near chance
+    metrics["accuracy"]["teacher_cnn"]["clean"] = 0.5
+    metrics["accuracy"]["student_independent"]["clean"] = 0.6
+    metrics["shape_bias"]["teacher_vit"]["shape_bias"] = 0.8
+    metrics["shape_bias"]["teacher_cnn"]["shape_bias"] = 0.3
+    metrics["fourier"]["teacher_vit"]["low_frequency_reliance"] = 0.4
+    metrics["fourier"]["teacher_cnn"]["low_frequency_reliance"] = 0.6
+    markdown = write_report(metrics, tmp_path)["markdown"].read_text()
+    head = markdown.split("## Table 1", 1)[0]
+    lines = [line for line in head.splitlines() if line]
+    assert lines[1].startswith("Warning: the ViT teacher's clean accuracy (32.90%) is near chance (10.00%)")
+    assert "Warning: the CNN teacher (50.00% clean) is not better than the independent student (60.00%)" in head
+    premise = head.split("## Premise (measured on the teachers)", 1)[1]
+    assert "Shape bias: ViT teacher 0.800, CNN teacher 0.300: as the premise assumes." in premise
+    assert "Low-frequency reliance: ViT teacher 0.400, CNN teacher 0.600: not as the premise assumes." in premise
+    assert "The premise does not hold on this data" in premise
+
+
+def test_below_chance_is_not_a_finding(tmp_path):
+    metrics = _seeded({"student_kd_vit": [0.08, 0.09, 0.07], "student_kd_cnn": [0.02, 0.03, 0.04],
+                       "student_independent": [0.30, 0.31, 0.32]}, variant="texture")
+    findings = _findings(write_report(metrics, tmp_path)["markdown"].read_text())
+    assert "against the control student (3.00% ± 1.00 (95% interval 0.52–5.48)) the KD student and the control " \
+           "student are at or below chance (10.00%): not read as a finding" in findings
+    assert "against the independent student (31.00% ± 1.00 (95% interval 28.52–33.48)) the KD student is at or " \
+           "below chance" in findings
+
+
+def test_report_on_data_it_was_not_built_for(tmp_path):
+    """An ImageFolder run: no texture variant, no shape bias, a subset for the attacks, GradCAM grid stated."""
+    metrics = _metrics()
+    for m in MODELS:
+        metrics["accuracy"][m].pop("texture")
+    del metrics["shape_bias"]
+    metrics["meta"].update(dataset="imagefolder", variants=["clean", "occluded"], num_classes=10,
+                           adversarial_images=200,
+                           shape_bias_note="not measured: imagefolder has no cue-conflict variant (no texture stands "
+                                           "for a class)",
+                           gradcam_common_grid={"size": [2, 2], "native": {"teacher_vit": [8, 8], "student_kd_vit": [2, 2]},
+                                                "resampling": "the coarsest model's grid; finer maps area-averaged onto it"})
+    markdown = write_report(metrics, tmp_path)["markdown"].read_text()
+    assert "*texture*" not in markdown and "*occluded*" in markdown
+    assert "Shape bias on imagefolder: not measured: imagefolder has no cue-conflict variant" in markdown
+    assert "Measured on a subset: the first 200 clean test images (analysis.adversarial_samples)" in markdown
+    assert "Maps are compared on one common 2×2 grid: the coarsest model's grid; finer maps area-averaged onto it. " \
+           "Native map sizes: ViT teacher 8×8; KD student (ViT→CNN, PCA+GL) 2×2." in markdown
+    assert "paper (published)" not in markdown
+
+
+def test_published_numbers_beside_the_measured_ones(tmp_path):
+    metrics = _metrics()
+    metrics["meta"]["dataset"] = "stl10"
+    table1 = write_report(metrics, tmp_path)["markdown"].read_text().split("## Table 1", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split(" | ")[2]: line for line in table1.splitlines() if line.count(" | ") > 3}
+    assert rows["Model"].endswith("| paper (published) |")
+    assert rows["ViT teacher (vit_demo)"].endswith("| 95.16 |")
+    assert rows["KD student (ViT→CNN, PCA+GL)"].endswith("| 36.83 |")
+    assert rows["Control student (CNN→CNN, hint)"].endswith("| 26.65 |")
+    assert rows["Independent student (CE only)"].endswith("| — |")
+    assert "STL-10 with occlusions added" in table1
+
+
+def test_sweep_report(tmp_path):
+    """Grid points are models "<student>@<point>": Table 1 and findings per point, a sweep table and plot."""
+    values = {}
+    for point, shift in (("kd_lambda=0.5", 0.0), ("kd_lambda=2", 0.1)):
+        values.update({f"student_kd_vit@{point}": [0.6 + shift, 0.62 + shift, 0.61 + shift],
+                       f"student_independent@{point}": [0.55, 0.56, 0.57]})
+    metrics = _seeded(values, variant="clean")
+    metrics["meta"]["sweep"] = {"train.kd_lambda": [0.5, 2]}
+    paths = write_report(metrics, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "## Table 1: top-1 accuracy (%) per test variant at kd_lambda=0.5" in markdown
+    assert "## Findings at kd_lambda=2" in markdown
+    sweep = markdown.split("## Sweep", 1)[1].split("\n## ", 1)[0]
+    assert "Swept: train.kd_lambda ∈ {0.5, 2}." in sweep
+    assert "| KD student (ViT→CNN, PCA+GL) | kd_lambda=2 | 71.00 ± 1.00 [68.52, 73.48] |" in sweep
+    assert paths["plot_sweep"].read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_only_accuracy(tmp_path):
-    metrics = _two_students(0.8, 0.7, 0.6)
+    metrics = {"meta": {"variants": ["occluded"]}, "accuracy": {
+        "student_kd_vit": {"occluded": 0.8}, "student_kd_cnn": {"occluded": 0.7}, "student_independent": {"occluded": 0.6}}}
     metrics["meta"]["models"] = ["teacher_vit", "student_kd_vit", "student_kd_cnn", "student_independent"]
     paths = write_report(metrics, tmp_path)
     assert set(paths) == {"markdown", "html", "metrics", "plot_accuracy"}
