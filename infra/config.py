@@ -80,13 +80,16 @@ class TrainConfig:
     lr: float = 0.05              # SGD with Nesterov momentum, one-cycle schedule
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    kd_lambda: float = 1.0        # lambda in L = CE + lambda (L_PCA + L_GL), and the hint weight for the CNN control
+    kd_lambda: float = 1.0        # lambda in L = CE + lambda (w_attn L_attn + w_value L_value + w_gl L_GL); the hint weight for the CNN control
+    pca_attn_weight: float = 1.0  # w_attn: PCA attention-map term (softmax entries ~1/N, so its raw MSE is tiny)
+    pca_value_weight: float = 1.0  # w_value: PCA value-relation term (V V^T / sqrt d)
+    gl_weight: float = 1.0        # w_gl: GL token-regression term
     pca_swap_prob: float = 0.5    # partially-cross probability of swapping a student Q/K/V for the teacher's
     gl_groups: int = 4            # GL projector: groups per side of the token grid (4 -> 16 linear maps)
     logit_temperature: float = 4.0  # Hinton KD temperature (student_logit_kd)
     amp: bool = True              # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True    # on GPU
-    compile: bool = False         # torch.compile the student
+    compile: bool = False         # torch.compile the KD step in place: student, projectors (objective), live ViT block
     loader_workers: int = 2       # FFCV decoding threads
     loader_timeout_s: float = 120.0  # a loader that yields nothing for this long is an error, never a hang
     log_every: int = 50           # steps between host synchronisations for logging
@@ -326,6 +329,8 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
     need(t.kd_lambda >= 0, "train.kd_lambda", "must be >= 0")
+    for w in ("pca_attn_weight", "pca_value_weight", "gl_weight"):
+        need(getattr(t, w) >= 0, f"train.{w}", "must be >= 0 (0 switches the term off)")
     need(0.0 <= t.pca_swap_prob <= 1.0, "train.pca_swap_prob", "must be in [0, 1]")
     need(t.gl_groups >= 1, "train.gl_groups", "must be >= 1")
     need(t.logit_temperature > 0, "train.logit_temperature", "must be positive")

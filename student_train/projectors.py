@@ -1,9 +1,9 @@
 """Projectors that carry a student CNN feature map into a teacher's space and score the match.
 
-Each projector owns its learnable layers and returns one scalar float32 loss:
+Each projector owns its learnable layers and returns scalar float32 losses:
 
 - ``PCAProjector``: partially cross attention, matches the teacher's attention and value
-  relations (Liu et al. 2022, "Cross-Architecture Knowledge Distillation", arXiv 2207.05273);
+  relations (two terms) (Liu et al. 2022, "Cross-Architecture Knowledge Distillation", arXiv 2207.05273);
 - ``GLProjector``: group-wise linear, matches the teacher's output tokens position by position
   (same paper);
 - ``HintRegressor``: FitNets hint, matches a CNN teacher's feature map (Romero et al. 2015).
@@ -43,20 +43,42 @@ def match_grid(h_s: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _to_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, D, gh, gw) -> (B, heads, N, D // heads), tokens row-major as ViT patch tokens."""
+    """(B, D, gh, gw) -> (B, heads, N, D // heads), tokens row-major as ViT patch tokens.
+
+    Through (B, gh, gw, D): a channels_last map is already laid out so, and needs no copy."""
     b, d = x.shape[:2]
-    return x.flatten(2).view(b, num_heads, d // num_heads, -1).transpose(2, 3)
+    return x.permute(0, 2, 3, 1).reshape(b, -1, num_heads, d // num_heads).transpose(1, 2)
+
+
+def relation_losses(q_s: Tensor, k_s: Tensor, v_s: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor]:
+    """The two relation terms of L_PCA, each a float32 scalar; all inputs (B, heads, N, d).
+
+        attn  = MSE(softmax(Q_S K_S^T / sqrt d), softmax(Q_T K_T^T / sqrt d))
+        value = MSE(V_S V_S^T / sqrt d,          V_T V_T^T / sqrt d)
+
+    Under a caller's reduced-precision autocast (bf16 on GPU) the four N x N matmuls run in that
+    precision, accumulating in float32; the softmax, the differences and the means are float32.
+    bf16 rounds each matmul input and output to 8 significant bits (relative 2^-8), so an entry of
+    the relations is off by about 0.4% of its own size; tests/test_kd_step.py bounds the effect
+    on both terms and their gradients against float32. Without autocast everything is float32.
+    """
+    scale = q_t.shape[-1] ** -0.5
+    attn_t = torch.softmax((q_t @ k_t.transpose(-1, -2)).float() * scale, dim=-1)
+    attn_s = torch.softmax((q_s @ k_s.transpose(-1, -2)).float() * scale, dim=-1)
+    value_t = (v_t @ v_t.transpose(-1, -2)).float() * scale
+    value_s = (v_s @ v_s.transpose(-1, -2)).float() * scale
+    return F.mse_loss(attn_s, attn_t), F.mse_loss(value_s, value_t)
 
 
 class PCAProjector(nn.Module):
-    """Partially cross attention (PCA) projector; ``forward`` returns L_PCA.
+    """Partially cross attention (PCA) projector; ``forward`` returns L_PCA's two terms.
 
     Three 3x3 convolutions (padding 1) map the grid-matched student map to Q_S, K_S, V_S with
     ``teacher_dim`` channels, split into (B, heads, N, d) like the teacher's, d = d_head. With
     g the partial cross below, and MSE the mean over batch, heads and N x N entries:
 
-        L_PCA = MSE(softmax(Q_T K_T^T / sqrt d), softmax(g(Q_S) g(K_S)^T / sqrt d))
-              + MSE(V_T V_T^T / sqrt d,          g(V_S) g(V_S)^T / sqrt d)
+        L_PCA = MSE(softmax(Q_T K_T^T / sqrt d), softmax(g(Q_S) g(K_S)^T / sqrt d))   (attention)
+              + MSE(V_T V_T^T / sqrt d,          g(V_S) g(V_S)^T / sqrt d)            (value)
 
     g (training only): each of Q_S, K_S, V_S is replaced by the teacher's detached matrix,
     independently per sample and per matrix, with probability ``swap_prob``, drawn from the
@@ -77,8 +99,8 @@ class PCAProjector(nn.Module):
       it matches the pre-softmax Q K^T/sqrt d and V V^T averaged over heads, weighted 0.2 and
       0.05, has no swap, and maps h_S to Q, K, V with one linear layer instead of 3x3 convs.
     - Means, not sums, so the loss does not grow with B, heads or N^2. The two terms differ in
-      scale (attention entries are about 1/N, value relations about sqrt d); weight them
-      outside if needed.
+      scale (attention entries are about 1/N, value relations about sqrt d), so they are
+      returned apart and weighted by the caller (``KDObjective``, train.pca_*_weight).
     """
 
     def __init__(
@@ -112,11 +134,22 @@ class PCAProjector(nn.Module):
             raise ValueError(f"{num_tokens} teacher tokens do not form a square grid: pass grid")
         return side, side
 
-    def forward(self, h_s: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
-        """h_s (B, C_S, H_S, W_S); q_t, k_t, v_t (B, heads, N, d), prefix tokens dropped."""
-        grid = self._teacher_grid(q_t.shape[2])
+    def project(self, h_s: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Q_S, K_S, V_S (B, heads, N, d) of a student map, grid-matched to the teacher's ``grid``.
+
+        The three convolutions run as one with their weights stacked (3 x teacher_dim outputs):
+        the same function, one pass over the input instead of three, and one larger GEMM."""
         h = match_grid(h_s, grid)
-        student = [_to_heads(conv(h), self.num_heads).float() for conv in (self.to_q, self.to_k, self.to_v)]
+        k_bias = self.to_q.bias.new_zeros(self.to_k.out_channels)
+        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        out = F.conv2d(h, weight, torch.cat([self.to_q.bias, k_bias, self.to_v.bias]), padding=1)
+        return tuple(_to_heads(m, self.num_heads) for m in out.chunk(3, dim=1))
+
+    def forward(self, h_s: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor]:
+        """h_s (B, C_S, H_S, W_S); q_t, k_t, v_t (B, heads, N, d), prefix tokens dropped.
+
+        Returns the attention term and the value term (float32 scalars), L_PCA being their sum."""
+        student = self.project(h_s, self._teacher_grid(q_t.shape[2]))
         teacher = [m.detach().float() for m in (q_t, k_t, v_t)]
         if student[0].shape != teacher[0].shape:
             raise ValueError(f"student Q {tuple(student[0].shape)} vs teacher Q {tuple(teacher[0].shape)}")
@@ -128,18 +161,9 @@ class PCAProjector(nn.Module):
             swap = torch.zeros(3, batch, dtype=torch.bool, device=h_s.device)
         self.last_swap = swap
         g_q, g_k, g_v = (
-            torch.where(mask.view(batch, 1, 1, 1), t, s) for mask, s, t in zip(swap, student, teacher)
+            torch.where(mask.view(batch, 1, 1, 1), t.to(s.dtype), s) for mask, s, t in zip(swap, student, teacher)
         )
-        q_t, k_t, v_t = teacher
-
-        # The relations are N x N per head: keep them out of a caller's reduced-precision autocast.
-        with torch.autocast(device_type=h_s.device.type, enabled=False):
-            scale = q_t.shape[-1] ** -0.5
-            attn_t = torch.softmax(q_t @ k_t.transpose(-1, -2) * scale, dim=-1)
-            attn_s = torch.softmax(g_q @ g_k.transpose(-1, -2) * scale, dim=-1)
-            value_t = v_t @ v_t.transpose(-1, -2) * scale
-            value_s = g_v @ g_v.transpose(-1, -2) * scale
-            return F.mse_loss(attn_s, attn_t) + F.mse_loss(value_s, value_t)
+        return relation_losses(g_q, g_k, g_v, *teacher)
 
 
 class GLProjector(nn.Module):

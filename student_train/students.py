@@ -56,20 +56,32 @@ class Student(nn.Module):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.prepare(x))
+    def forward(self, x: torch.Tensor, layers: tuple[str, ...] = ()):
+        """Logits; with ``layers`` (stage names), (logits, {stage: output}) from the same pass.
+
+        The ResNet stages are called in turn rather than read by forward hooks: adding and removing
+        hooks on every call would split a torch.compile graph (train.compile) in two."""
+        unknown = set(layers) - set(STAGES)
+        if unknown:
+            raise KeyError(f"unknown stage(s) {sorted(unknown)}; a student exposes {', '.join(STAGES)}")
+        net = self.net
+        h = net.relu(net.bn1(net.conv1(self.prepare(x))))
+        if hasattr(net, "maxpool"):  # torchvision's ResNet; the small CIFAR-style one has none
+            h = net.maxpool(h)
+        feats = {}
+        for stage in STAGES:
+            h = getattr(net, stage)(h)
+            if stage in layers:
+                feats[stage] = h
+        logits = net.fc(torch.flatten(net.avgpool(h), 1))
+        return (logits, feats) if layers else logits
 
     def forward_with(self, x: torch.Tensor, layers: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the outputs of the named stages, in one pass."""
-        feats: dict[str, torch.Tensor] = {}
-        modules = dict(self.net.named_modules())
-        hooks = [modules[l].register_forward_hook(lambda m, i, o, l=l: feats.__setitem__(l, o)) for l in layers]
-        try:
-            logits = self(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return logits, feats
+        """Logits and the outputs of the named stages, in one pass (through ``__call__``, so a
+        compiled student, ``Student.compile()``, runs compiled here too)."""
+        if not layers:
+            raise ValueError("forward_with needs at least one stage name")
+        return self(x, layers)
 
     def channels(self, layer: str) -> int:
         with torch.no_grad():

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from infra.config import Config
 from infra.errors import UserError
 from student_train.loader import StudentLoader
-from student_train.losses import KDObjective
+from student_train.losses import KDObjective, gradient_shares
 from student_train.students import Student
 from teacher_cache.datasets import fingerprint, load_split
 from teacher_cache.store import CacheStore
@@ -120,7 +120,7 @@ class _Step(nn.Module):
     def forward(self, x, labels, teacher):
         logits, feats = self.student.forward_with(x, (self.kd_layer,))
         total, terms = self.objective(logits, labels, feats[self.kd_layer], teacher)
-        return total, terms, logits
+        return total, terms, logits, feats[self.kd_layer]
 
 
 def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
@@ -140,6 +140,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     kd_layer = student.spec.kd_layer
     live = None
     kw = dict(kind=kind, student_channels=student.channels(kd_layer), kd_lambda=t.kd_lambda,
+              pca_attn_weight=t.pca_attn_weight, pca_value_weight=t.pca_value_weight, gl_weight=t.gl_weight,
               label_smoothing=t.label_smoothing, gl_groups=t.gl_groups, swap_prob=t.pca_swap_prob,
               temperature=t.logit_temperature)
     if kind == "student_kd_vit":
@@ -155,9 +156,13 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
         step_module = step_module.to(memory_format=torch.channels_last)
     if world > 1 and on_gpu:  # per-GPU batches are small: normalise over the global batch (CUDA only in torch)
         step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
-    model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
     if t.compile:
-        model = torch.compile(model)
+        # in place (state_dict keys unchanged), one graph each: the KD feature map is an input of the
+        # objective's graph, so gradient_shares can differentiate with respect to it
+        for module in (student, step_module.objective, live):
+            if module is not None:
+                module.compile()
+    model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
 
     fields = [plan["field"]] if plan.get("field") else []
     loader = StudentLoader(beton, meta, fields, t.batch_size // world, t.loader_workers, cfg.seed,
@@ -213,6 +218,9 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
     step_module.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
+    # each KD term's gradient norm and share at the KD layer, measured every log_every steps (rank 0)
+    grad_sums: dict[tuple[str, str], torch.Tensor] = {}
+    grad_steps = 0
     correct = torch.zeros((), device=device)
     seen, start = 0, time.time()
     bar = tqdm(total=len(loader), desc=f"{kind} epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
@@ -234,7 +242,14 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
             else:
                 teacher = {"logits": cached}
         with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and t.amp):
-            total, terms, logits = model(x, labels, teacher)
+            total, terms, logits, feature = model(x, labels, teacher)
+        if rank == 0 and kind in ("student_kd_vit", "student_kd_cnn") and i % t.log_every == 0:
+            measured = gradient_shares(step_module.objective.contributions(terms), feature)
+            for what, per_term in measured.items():
+                for name, value in per_term.items():
+                    key = (what, name)
+                    grad_sums[key] = grad_sums.get(key, 0.0) + value.detach()
+            grad_steps += 1
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -256,6 +271,11 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
     out = {"epoch": epoch, **{k: stats[j].item() / total_seen for j, k in enumerate(sorted(sums))},
            "train_accuracy": stats[-2].item() / total_seen, "lr": sched.get_last_lr()[0],
            "images_per_s": total_seen / (time.time() - start), "seconds": time.time() - start}
+    if grad_steps:
+        means = torch.stack(list(grad_sums.values())).div(grad_steps).tolist()
+        for (what, name), value in zip(grad_sums, means):
+            out.setdefault(what, {})[name] = value
+        out["grad_measured_steps"] = grad_steps
     return out
 
 

@@ -52,17 +52,17 @@ def test_match_grid_rule():
 
 
 @pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
-def test_pca_scalar_loss(student_hw, grid):
+def test_pca_scalar_losses(student_hw, grid):
     pca = PCAProjector(C_S, D, HEADS, grid=grid)
     t = vit_teacher(grid)
-    loss = pca(torch.randn(B, C_S, *student_hw), t["q"], t["k"], t["v"])
-    assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+    for loss in pca(torch.randn(B, C_S, *student_hw), t["q"], t["k"], t["v"]):
+        assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert pca.last_swap.shape == (3, B) and pca.last_swap.dtype == torch.bool
 
 
 def test_pca_square_grid_inferred_and_non_square_needs_grid():
     t = vit_teacher((8, 8))
-    assert torch.isfinite(PCAProjector(C_S, D, HEADS)(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"]))
+    assert all(torch.isfinite(x) for x in PCAProjector(C_S, D, HEADS)(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"]))
     t = vit_teacher((4, 6))
     with pytest.raises(ValueError, match="grid"):
         PCAProjector(C_S, D, HEADS)(torch.randn(B, C_S, 4, 6), t["q"], t["k"], t["v"])
@@ -91,7 +91,7 @@ def test_hint_scalar_loss(student_hw, grid):
 def test_gradients_reach_every_parameter(student_hw, grid):
     t = vit_teacher(grid)
     modules_and_losses = [
-        (pca := PCAProjector(C_S, D, HEADS, swap_prob=0.0, grid=grid), lambda h: pca(h, t["q"], t["k"], t["v"])),
+        (pca := PCAProjector(C_S, D, HEADS, swap_prob=0.0, grid=grid), lambda h: sum(pca(h, t["q"], t["k"], t["v"]))),
         (gl := GLProjector(C_S, D, grid, groups=4), lambda h: gl(h, t["h"])),
         (hint := HintRegressor(C_S, 5), lambda h: hint(h, torch.randn(B, 5, *grid))),
     ]
@@ -108,9 +108,9 @@ def test_gradients_reach_every_parameter(student_hw, grid):
 def test_pca_full_swap_is_exactly_zero():
     pca = PCAProjector(C_S, D, HEADS, swap_prob=1.0, grid=(8, 8)).train()
     t = vit_teacher((8, 8))
-    loss = pca(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"])
+    attn, value = pca(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"])
     assert pca.last_swap.all()
-    assert loss.item() == 0.0
+    assert attn.item() == 0.0 and value.item() == 0.0
 
 
 def test_gl_identity_maps_tokens_row_major():
@@ -181,7 +181,7 @@ def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn():
     grid, batch = (4, 4), 16
     pca = PCAProjector(C_S, D, HEADS, swap_prob=0.5, grid=grid).train()
     t, h_s = vit_teacher(grid, batch=batch), torch.randn(batch, C_S, *grid)
-    loss = pca(h_s, t["q"], t["k"], t["v"])
+    attn, value = pca(h_s, t["q"], t["k"], t["v"])
     swap = pca.last_swap
     assert swap.any() and not swap.all()
 
@@ -193,10 +193,12 @@ def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn():
         for m, name, conv in zip(swap, "qkv", (pca.to_q, pca.to_k, pca.to_v))
     )
     scale = (D // HEADS) ** -0.5
-    expected = F.mse_loss(
+    expected_attn = F.mse_loss(
         torch.softmax(q @ k.transpose(-1, -2) * scale, -1), torch.softmax(t["q"] @ t["k"].transpose(-1, -2) * scale, -1)
-    ) + F.mse_loss(v @ v.transpose(-1, -2) * scale, t["v"] @ t["v"].transpose(-1, -2) * scale)
-    torch.testing.assert_close(loss, expected)
+    )
+    expected_value = F.mse_loss(v @ v.transpose(-1, -2) * scale, t["v"] @ t["v"].transpose(-1, -2) * scale)
+    torch.testing.assert_close(attn, expected_attn)
+    torch.testing.assert_close(value, expected_value)
 
 
 def test_swap_is_reproducible_under_manual_seed():
@@ -213,9 +215,11 @@ def test_swap_is_reproducible_under_manual_seed():
 # --- KDObjective -------------------------------------------------------------------------------
 
 VIT_ARGS = dict(student_channels=C_S, kd_lambda=0.5, teacher_dim=D, num_heads=HEADS, grid=(4, 6))
+VIT_WEIGHTS = dict(pca_attn_weight=30.0, pca_value_weight=0.25, gl_weight=2.0)
 CNN_ARGS = dict(student_channels=C_S, kd_lambda=0.5, teacher_channels=5)
 CASES = {
-    "student_kd_vit": (VIT_ARGS, lambda dt: vit_teacher((4, 6), dtype=dt), ("ce", "pca", "gl")),
+    "student_kd_vit": ({**VIT_ARGS, **VIT_WEIGHTS}, lambda dt: vit_teacher((4, 6), dtype=dt),
+                       ("ce", "pca_attn", "pca_value", "gl")),
     "student_kd_cnn": (CNN_ARGS, lambda dt: {"feature": torch.randn(B, 5, 4, 6).to(dt)}, ("ce", "hint")),
     "student_independent": ({}, lambda dt: None, ("ce",)),
     "student_logit_kd": ({}, lambda dt: {"logits": torch.randn(B, 10).to(dt)}, ("ce", "logit_kd")),
@@ -235,6 +239,8 @@ def test_kd_objective_terms_and_total(kind, teacher_dtype):
     assert all(v.dtype == torch.float32 and v.shape == () for v in [total, *terms.values()])
     if kind == "student_logit_kd":
         expected = 0.1 * terms["ce"] + 0.9 * terms["logit_kd"]
+    elif kind == "student_kd_vit":  # L = CE + lambda (w_attn L_attn + w_value L_value + w_gl L_GL)
+        expected = terms["ce"] + 0.5 * (30.0 * terms["pca_attn"] + 0.25 * terms["pca_value"] + 2.0 * terms["gl"])
     else:
         expected = terms["ce"] + 0.5 * sum(terms[k] for k in keys[1:])
     torch.testing.assert_close(total, expected)

@@ -35,11 +35,12 @@ from teacher_cache.store import CacheStore
 N, K = 64, 3
 OVERRIDES = [*TINY, "data.train_size=64", "teacher_vit.fit_epochs=1", "teacher_cnn.fit_epochs=0",
              "cache.workers=1", "cache.shard_size=64"]  # one shard, one Ray actor per teacher
-TERMS = {"student_kd_vit": {"ce", "pca", "gl"}, "student_kd_cnn": {"ce", "hint"},
+TERMS = {"student_kd_vit": {"ce", "pca_attn", "pca_value", "gl"}, "student_kd_cnn": {"ce", "hint"},
          "student_independent": {"ce"}, "student_logit_kd": {"ce", "logit_kd"}}
 PROJECTOR = {"student_kd_vit": ("objective.pca.", "objective.gl."), "student_kd_cnn": ("objective.hint.",),
              "student_independent": (), "student_logit_kd": ()}
-NOT_TERMS = {"epoch", "loss", "train_accuracy", "lr", "images_per_s", "seconds", "test_clean_accuracy"}
+NOT_TERMS = {"epoch", "loss", "train_accuracy", "lr", "images_per_s", "seconds", "test_clean_accuracy",
+             "grad_norm", "grad_share", "grad_measured_steps"}  # gradient shares: tests/test_kd_step.py
 ROOT = Path(__file__).resolve().parents[1]
 # numba's dispatcher finalizer raises a KeyError when FFCV's compiled pipelines are garbage collected
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -373,6 +374,9 @@ def test_student_trains(kind, trained, cache):
     for line in m:
         assert set(line) - NOT_TERMS == TERMS[kind]
         assert all(np.isfinite(line[t]) and line[t] >= 0 for t in TERMS[kind])
+        if kind in ("student_kd_vit", "student_kd_cnn"):  # each KD term's share of the gradient at the KD layer
+            assert set(line["grad_share"]) == TERMS[kind] - {"ce"}
+            assert sum(line["grad_share"].values()) == pytest.approx(1.0)
         assert 0 <= line["test_clean_accuracy"] <= 1
     for t in TERMS[kind]:
         assert m[0][t] != m[1][t], t   # the terms move as the student trains

@@ -1,4 +1,5 @@
-"""bench train: one student, one batch size, four ways of getting the teacher's signal.
+"""bench train: one student, one batch size, four ways of getting the teacher's signal, and what
+each part of the KD step costs.
 
   plain_step_s        CE only (no teacher)
   resident_kd_step_s  CE + lambda (PCA + GL); the cached last-block input already in device memory,
@@ -7,6 +8,10 @@
                       the wait for the next batch and the host-to-device copies included
   online_kd_step_s    the teacher run live each step: its forward up to the last block on the
                       view (stopped there), the live block, then the KD step
+
+  breakdown_step_s    plain CE plus one addition at a time, teacher tensors resident (see ADDITIONS):
+                      live_block, gl, pca_convs, pca_relations, pca (both), hint; with plain and
+                      full_kd (= resident_kd_step_s); breakdown_over_plain divides each by plain
 
 Each step replays the view on the device as the trainer does (`apply_views`), under bf16 autocast
 and channels_last on GPU. Every kind gets its own freshly initialised student and optimiser, and
@@ -18,9 +23,12 @@ alike; the medians over the rounds are reported.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from infra.bench.common import Context, header, judge, log, median, missing_modules, sig, timed
 from student_train.losses import KDObjective
+from student_train.projectors import GLProjector, HintRegressor, PCAProjector, relation_losses
 from student_train.students import Student
 from student_train.trainer import LastBlockTargets
 from teacher_cache.views import apply_views
@@ -74,7 +82,8 @@ class Setup:
         torch.manual_seed(0)
         student = Student(self.p.student, self.num_classes, self.image_size)
         kw = dict(kind=kind, student_channels=student.channels(student.spec.kd_layer), kd_lambda=self.t.kd_lambda,
-                  gl_groups=self.t.gl_groups, swap_prob=self.t.pca_swap_prob)
+                  gl_groups=self.t.gl_groups, swap_prob=self.t.pca_swap_prob, pca_attn_weight=self.t.pca_attn_weight,
+                  pca_value_weight=self.t.pca_value_weight, gl_weight=self.t.gl_weight)
         if kind == "student_kd_vit":
             kw.update(teacher_dim=self.teacher_dim, num_heads=self.live.heads, grid=self.live.grid)
         objective = KDObjective(**kw)
@@ -100,6 +109,64 @@ class Setup:
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+
+
+# The additions of the breakdown, each alone on top of the plain CE step. Teacher targets are computed
+# once (resident) except for live_block, which runs the frozen last ViT block each step and nothing else.
+ADDITIONS = ("live_block", "gl", "pca_convs", "pca_relations", "pca", "hint")
+
+
+def addition_step(s: Setup, name: str, cnn_shape: tuple[int, ...]):
+    """A step closure: plain CE plus the addition `name` (ADDITIONS), with its own student and optimiser."""
+    torch.manual_seed(0)
+    student = Student(s.p.student, s.num_classes, s.image_size)
+    kd_layer = student.spec.kd_layer
+    channels, t = student.channels(kd_layer), s.t
+    with torch.no_grad():
+        target = s.live(s.tokens)
+    heads, grid = s.live.heads, s.live.grid
+    if name == "live_block":
+        extra, loss_of = None, None
+    elif name == "gl":
+        extra = GLProjector(channels, s.teacher_dim, grid, t.gl_groups)
+        loss_of = lambda f: extra(f, target["h"])  # noqa: E731
+    elif name in ("pca", "pca_convs"):
+        extra = PCAProjector(channels, s.teacher_dim, heads, t.pca_swap_prob, grid)
+        if name == "pca":
+            loss_of = lambda f: sum(extra(f, target["q"], target["k"], target["v"]))  # noqa: E731
+        else:  # the three convolutions, with a loss as cheap as possible
+            loss_of = lambda f: sum(m.float().square().mean() for m in extra.project(f, grid))  # noqa: E731
+    elif name == "pca_relations":  # the N x N relations alone, on leaf tensors shaped like Q_S, K_S, V_S
+        extra = nn.ParameterList([nn.Parameter(target[k].detach().float() + 0.1 * torch.randn_like(target[k]))
+                                  for k in "qkv"])
+        loss_of = lambda f: sum(relation_losses(*extra, target["q"], target["k"], target["v"]))  # noqa: E731
+    elif name == "hint":
+        extra = HintRegressor(channels, cnn_shape[0])
+        hint_target = torch.randn(s.p.train_batch, *cnn_shape, device=s.device, dtype=torch.float16)
+        loss_of = lambda f: extra(f, hint_target)  # noqa: E731
+    else:
+        raise ValueError(f"unknown addition {name!r}; expected one of {ADDITIONS}")
+    modules = [student] + ([extra] if extra is not None else [])
+    for m in modules:
+        m.to(s.device).train()
+        if s.on_gpu and s.p.channels_last:
+            m.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([q for m in modules for q in m.parameters()], lr=0.01, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+
+    def step():
+        if name == "live_block":
+            s.live(s.tokens)
+        x = s.student_input(s.images, s.views, student)
+        with torch.autocast("cuda", torch.bfloat16, enabled=s.on_gpu and s.p.amp):
+            logits, feats = student.forward_with(x, (kd_layer,))
+            total = F.cross_entropy(logits.float(), s.labels)
+            if loss_of is not None:
+                total = total + t.kd_lambda * loss_of(feats[kd_layer])
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    return step
 
 
 def step_time(fn, p, device) -> float:
@@ -145,6 +212,11 @@ def run(ctx: Context) -> dict:
     m_res = s.model("student_kd_vit")
     kinds["resident_kd_step_s"] = lambda: s.step(m_res, s.student_input(s.images, s.views, m_res[0]), s.labels,
                                                  s.live(s.tokens))
+
+    cnn_layout = ctx.store("teacher_cnn").layout
+    cnn_shape = next(iter(cnn_layout.layers.values()))
+    for name in ADDITIONS:
+        kinds[f"plus_{name}"] = addition_step(s, name, cnn_shape)
 
     # online: the teacher runs on every step (its forward stopped at the last block's input)
     teacher = ctx.teacher("teacher_vit").to(dev).eval()
@@ -210,7 +282,10 @@ def run(ctx: Context) -> dict:
         teacher.cpu()
     fig = {k: median(v) for k, v in times.items()}
     fig.setdefault("offline_kd_step_s", None)
+    additions = {name: fig.pop(f"plus_{name}") for name in ADDITIONS}
     log("train: " + ", ".join(f"{k[:-7]} {v * 1e3:.1f} ms" for k, v in fig.items() if v is not None))
+    breakdown = {"plain": fig["plain_step_s"], **additions, "full_kd": fig["resident_kd_step_s"]}
+    log("train breakdown (plain +): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in breakdown.items()))
 
     off = fig["offline_kd_step_s"]
     line = {**header("train", p), "student": p.student, "teacher": p.vit,
@@ -218,6 +293,8 @@ def run(ctx: Context) -> dict:
             "offline_over_resident": sig(off / fig["resident_kd_step_s"]) if off else None,
             "online_over_offline": sig(fig["online_kd_step_s"] / off) if off else None,
             "student_samples_s": sig(p.train_batch / fig["resident_kd_step_s"]),
+            "breakdown_step_s": {k: sig(v) for k, v in breakdown.items()},
+            "breakdown_over_plain": {k: sig(v / breakdown["plain"]) for k, v in breakdown.items()},
             "params": {"batch": p.train_batch, "image_size": p.image_size, "kd": "PCA+GL (student_kd_vit)",
                        "amp_bf16": p.amp, "channels_last": p.channels_last, "warmup_steps": p.train_warmup,
                        "steps_per_repeat": p.train_steps, "repeats": p.repeats, "offline_drain_steps": ahead,
