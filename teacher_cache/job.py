@@ -32,6 +32,7 @@ from teacher_cache.store import CacheStore, Layout, StoreError
 from teacher_cache.views import apply_views, sample_views
 
 ROLES = ("teacher_vit", "teacher_cnn")
+FLOAT16_MAX = 65504.0
 
 
 def store_path(out: Path, cfg: Config, role: str) -> Path:
@@ -181,27 +182,40 @@ class CacheWorker:
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                 yield self.teacher.extract(x.contiguous(memory_format=torch.channels_last) if cuda else x, self.layers)
 
-    def _stored(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One batch's outputs as they are stored, still on the device: float16, or int8 + per-token scales."""
-        out = {"logits": feats["logits"].to(torch.float16)}
+    def _stored(self, feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One batch's outputs as they are stored, still on the device and contiguous (float16, or int8 +
+        per-token scales), and whether all of them fit float16 (a device flag: reading it would synchronise)."""
+        fp16 = {"dtype": torch.float16, "memory_format": torch.contiguous_format}
+        out = {"logits": feats["logits"].to(**fp16)}
+        ok = feats["logits"].abs().amax() <= FLOAT16_MAX  # False for NaN too
         for name, shape in self.store.layout.layers.items():
+            ok &= feats[name].abs().amax() <= FLOAT16_MAX
             if self.int8:
-                out[f"features/{name}"], out[f"scales/{name}"] = quantize(feats[name], len(shape))
+                q, scale = quantize(feats[name], len(shape))
+                out[f"features/{name}"], out[f"scales/{name}"] = q.contiguous(), scale.contiguous()
             else:
-                out[f"features/{name}"] = feats[name].to(torch.float16)
-        return out
+                out[f"features/{name}"] = feats[name].to(**fp16)
+        return out, ok
 
     def compute(self, u: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
         """Unit u's arrays on the host, ready to write, and the buffer slot holding them (release it after)."""
         slot = self.buffers.acquire()
-        rows = 0
-        for feats in self.forward(u):
-            stored = self._stored(feats)
-            n = len(stored["logits"])  # image-views in this batch
-            self._to_host(stored, slot, rows, n)
-            rows += n
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()  # the last batch's copy: the unit is on the host
+        rows, ok = 0, []
+        try:
+            for feats in self.forward(u):
+                stored, batch_ok = self._stored(feats)
+                n = len(stored["logits"])  # image-views in this batch
+                self._to_host(stored, slot, rows, n)
+                rows += n
+                ok.append(batch_ok)
+            if self.copy_stream is not None:
+                self.copy_stream.synchronize()  # the last batch's copy: the unit is on the host
+            if not bool(torch.stack(ok).all()):  # one host synchronisation per unit
+                raise StoreError(f"unit {u}: the teacher's outputs hold NaN, Inf or values beyond float16's "
+                                 f"range; nothing was written. Check the teacher's weights and inputs")
+        except BaseException:
+            self.buffers.release(slot)
+            raise
         lo, hi = self.store.layout.unit_range(u)
         arrays = {"images": self.images[lo:hi], "labels": self.labels[lo:hi], "views": self.views[lo:hi]}
         k = self.store.layout.views
@@ -223,7 +237,7 @@ class CacheWorker:
 
     def _write(self, u: int, arrays: dict[str, np.ndarray], slot: dict[str, torch.Tensor]) -> None:
         try:
-            self.store.write_unit(u, arrays)
+            self.store.write_unit(u, arrays, check_finite=False)  # checked on the device in `compute`
         finally:
             self.buffers.release(slot)
 

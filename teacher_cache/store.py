@@ -207,12 +207,13 @@ class CacheStore:
     def pending_units(self) -> list[int]:
         return [int(u) for u in np.flatnonzero(~self.done_units())]
 
-    def write_unit(self, u: int, arrays: dict[str, np.ndarray]) -> None:
+    def write_unit(self, u: int, arrays: dict[str, np.ndarray], check_finite: bool = True) -> None:
         """Write every array of unit u, make it durable, then (and only then) mark it done.
 
         The checksum of each shard file is taken from the bytes as they go to the store, so nothing
         is read back. Several units may be written at once from different threads (each its own
-        shards); one unit must never be written by two.
+        shards); one unit must never be written by two. `check_finite=False` skips the NaN/Inf check
+        (slow on float16 host arrays) for callers that checked on the device.
         """
         lo, hi = self.layout.unit_range(u)
         datas = {}  # read and checked before anything on disk changes
@@ -221,7 +222,7 @@ class CacheStore:
             data = np.asarray(arrays[name]).astype(dtype, copy=False)
             if data.shape != (hi - lo, *shape[1:]):
                 raise StoreError(f"unit {u}: array {name} has shape {data.shape}, expected {(hi - lo, *shape[1:])}")
-            if data.dtype.kind == "f" and not np.isfinite(data).all():
+            if check_finite and data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise StoreError(f"unit {u}: array {name} holds NaN or Inf values (the teacher's output "
                                  f"overflowed); nothing was written")
             datas[name] = data

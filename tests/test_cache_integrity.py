@@ -144,3 +144,20 @@ def test_all_zero_shard_needs_no_file(tmp_path):
     assert store.verify() == []
     (path / "labels" / "c" / "2").write_bytes(b"x")
     assert store.verify() == ["unit 2 array labels: checksum mismatch (shard damaged)"]
+
+
+def test_worker_refuses_outputs_beyond_float16(tmp_path, monkeypatch):
+    """NaN, Inf or values float16 cannot hold are caught on the device, before anything is written."""
+    from infra.bench.common import PROFILES, Context
+    ctx = Context(PROFILES["tiny"], tmp_path)
+    w = ctx.worker("teacher_cnn")
+    extract = w.teacher.extract
+
+    def overflowing(x, layers):
+        out = extract(x, layers)
+        return {**out, "logits": out["logits"] * 1e6}
+    monkeypatch.setattr(w.teacher, "extract", overflowing)
+    with pytest.raises(StoreError, match="unit 0: the teacher's outputs hold NaN, Inf or values beyond float16"):
+        w.process(0)
+    assert w.buffers.free.qsize() == w.cfg.cache.writers + 1  # its host buffer went back to the pool
+    assert ctx.store("teacher_cnn").pending_units() == list(range(ctx.store("teacher_cnn").layout.units))
