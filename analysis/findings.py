@@ -131,15 +131,37 @@ def _shape_bias_absent(metrics: dict, dataset: str) -> str:
             f"class labels.")
 
 
+def claim(metrics: dict) -> str | None:
+    """One sentence: is the ViT-taught student more shape-biased, low-frequency reliant and occlusion-robust
+    than the CNN-taught one, as the paper claims? Each part says yes, no or not shown, judged over seeds."""
+    occluded = _largest(metrics, "occlusion", "fraction")
+    parts = []
+    for measure, what in (("shape_bias", "more shape-biased"), ("fourier.low_frequency_reliance",
+                                                                  "more reliant on low frequencies"),
+                          (f"occlusion@{occluded:g}" if occluded is not None else None, "more robust to occlusion")):
+        a, b = (stat(metrics, m, measure) if measure else None for m in (KD, CONTROL))
+        d = difference(a["values"], b["values"]) if a and b else None
+        if d is None:
+            parts.append(f"{what}: not measured")
+        elif d.separated:
+            parts.append(f"{what}: {'yes' if d.diff > 0 else 'no, the opposite'} (the runs separate the two)")
+        elif d.ci95 is None:
+            parts.append(f"{what}: not shown (one run each, no spread)")
+        else:
+            parts.append(f"{what}: not shown (the runs do not separate the two)")
+    return ("The paper's claim, that the ViT-taught student is more shape-biased, more reliant on low frequencies "
+            "and more robust to occlusion than the CNN-taught one, on this data: " + "; ".join(parts) + ".")
+
+
 def findings(metrics: dict) -> list[str]:
     """Sentences computed from the numbers, the paper's three claimed effects first; each only when measured."""
     out = []
     occluded = _largest(metrics, "occlusion", "fraction")
-    claim = [("shape_bias", "Shape bias (higher = more shape-based)", FRACTION, False),
+    claimed = [("shape_bias", "Shape bias (higher = more shape-based)", FRACTION, False),
              ("fourier.low_frequency_reliance", "Low-frequency reliance", FRACTION, False)]
     if occluded is not None:
-        claim.append((f"occlusion@{occluded:g}", f"Accuracy with {occluded:.0%} of the image occluded", PERCENT, True))
-    for measure, label, scale, acc in claim:
+        claimed.append((f"occlusion@{occluded:g}", f"Accuracy with {occluded:.0%} of the image occluded", PERCENT, True))
+    for measure, label, scale, acc in claimed:
         out.append(compare(metrics, measure, label, scale, others=[CONTROL, INDEPENDENT, LOGIT_KD], accuracy_like=acc))
     variants = metrics.get("meta", {}).get("variants") or list(
         dict.fromkeys(v for a in (metrics.get("accuracy") or {}).values() for v in a))

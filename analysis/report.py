@@ -17,7 +17,7 @@ from typing import Callable
 
 from analysis import plots
 from analysis.document import Heading, Image, Para, Table, to_html, to_markdown
-from analysis.findings import INDEPENDENT, KD, LOGIT_KD, findings, most_accurate, premise, stat, warnings
+from analysis.findings import INDEPENDENT, KD, LOGIT_KD, claim, findings, most_accurate, premise, stat, warnings
 from analysis.plots import order_models, style
 from analysis.quantities import FRACTION, PERCENT, Scale, eps_text, fmt, fmt_stat, jsonable
 from analysis.stats import MODEL_SECTIONS
@@ -311,7 +311,8 @@ def _not_measured_for(metrics: dict, keys: list[str]) -> Para | None:
 
 
 def _findings_blocks(metrics: dict, heading: str) -> list:
-    sentences = [most_accurate(metrics, v) for v in _variants(metrics)] + findings(metrics)
+    sentences = [claim(metrics) if KD in (metrics.get("stats") or metrics.get("accuracy") or {}) else None,
+                 *(most_accurate(metrics, v) for v in _variants(metrics)), *findings(metrics)]
     missing = [title for title, keys, _ in SECTIONS if not _models_in(metrics, keys)]
     if missing:
         sentences.append("Not measured: " + ", ".join(missing) + ".")

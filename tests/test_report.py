@@ -136,6 +136,17 @@ def test_findings_say_whether_the_runs_separate_the_models(tmp_path):
     assert "| 81.00 ± 1.00 [78.52, 83.48] |" in table1
 
 
+def test_the_claim_is_judged_over_seeds(tmp_path):
+    metrics = _seeded({"student_kd_vit": [0.6, 0.61, 0.62], "student_kd_cnn": [0.6, 0.61, 0.62]}, variant="clean")
+    for model, shape, low in (("student_kd_vit", [0.8, 0.82, 0.81], [0.5, 0.6, 0.7]),
+                              ("student_kd_cnn", [0.3, 0.32, 0.31], [0.55, 0.6, 0.65])):
+        metrics["stats"][model].update(shape_bias=summarize(shape), **{"fourier.low_frequency_reliance": summarize(low)})
+    findings = _findings(write_report(metrics, tmp_path)["markdown"].read_text())
+    assert "than the CNN-taught one, on this data: more shape-biased: yes (the runs separate the two); more reliant " \
+           "on low frequencies: not shown (the runs do not separate the two); more robust to occlusion: not " \
+           "measured." in findings
+
+
 def test_single_runs_make_no_claim(tmp_path):
     metrics = _metrics()
     metrics["fourier"]["student_kd_vit"]["low_frequency_reliance"] = 0.8
