@@ -57,7 +57,10 @@ def _run_stages(args, stages: list[str]) -> int:
     from infra import pipeline
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    pipeline.prepare_out(cfg, out, args.overwrite)
+    from student_train.distributed import check_launch, is_main
+    check_launch(stages)
+    if is_main():  # under torchrun rank 0 alone checks and writes OUT/run.json; the others wait for its packing
+        pipeline.prepare_out(cfg, out, args.overwrite)
     rows, seconds = [], {}
     outputs = {"cache": out / "cache", "train": out / "train", "analyze": out / "report" / "report.md"}
     for stage in stages:

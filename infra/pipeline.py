@@ -76,7 +76,7 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
 def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
     if _stage_done(cfg, out, "train") and not overwrite:
         return {"status": "reused"}
-    from student_train.pack import FFCV_NAME, pack
+    from student_train.pack import FFCV_NAME
     from student_train.sweep import run_sweep
     from teacher_cache.job import ROLES, store_path
     stores = {role: store_path(out, cfg, role) for role in ROLES}
@@ -84,11 +84,16 @@ def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
         if not p.exists():
             raise ConfigError(f"no cache store at {p} for {role}: run `hakd cache` first with this config")
     packed_before = _stat(Path(out) / "train" / FFCV_NAME)
-    beton, meta = pack(stores, Path(out) / "train", workers=cfg.train.loader_workers, log=log)
-    sweep = run_sweep(cfg, out, beton, meta, device_for(cfg), log=log)
+    # under torchrun: rank 0 packs while the others wait, the ranks train each trial together (DDP,
+    # no Ray Tune), and rank 0 alone writes; otherwise one Ray Tune trial per (student, seed, grid point)
+    from student_train.distributed import is_main, pack_on_rank0, train_trials_ddp, world_size
+    beton, meta = pack_on_rank0(stores, Path(out) / "train", workers=cfg.train.loader_workers, log=log)
+    train = train_trials_ddp if world_size() > 1 else run_sweep
+    sweep = train(cfg, out, beton, meta, device_for(cfg), log=log)
     packing = "reused" if packed_before is not None and packed_before == _stat(beton) else "packed"
-    _mark_done(cfg, out, "train", packing=packing, trials={n: {"test_clean_accuracy": f.get("test_clean_accuracy")}
-                                                           for n, f in sweep["final"].items()})
+    if is_main():
+        _mark_done(cfg, out, "train", packing=packing, trials={n: {"test_clean_accuracy": f.get("test_clean_accuracy")}
+                                                               for n, f in sweep["final"].items()})
     note = f"{FFCV_NAME} {packing}; {len(sweep['trained'])} trial(s) trained, {len(sweep['reused'])} reused"
     return {"status": "ran", "detail": sweep, "note": note}
 

@@ -7,8 +7,9 @@ cache holds the residual stream entering its last block, and that one frozen blo
 give Q, K, V and the output tokens (see teacher_cache/teachers.py for why).
 
 bf16 autocast and channels_last on GPU (bf16 needs no loss scaler), DDP when launched by torchrun
-(WORLD_SIZE > 1), a checkpoint every epoch (model, projectors, optimiser, schedule, RNG) from which
-a killed run resumes to the same weights, and a `metrics.jsonl` line per epoch.
+(WORLD_SIZE > 1; student_train/distributed.py), a checkpoint every epoch (model, projectors,
+optimiser, schedule, epoch; the RNGs restart from (seed, rank, epoch)) from which a killed run
+resumes to the same weights, and a `metrics.jsonl` line per epoch, written by rank 0 only.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from infra.config import Config
 from infra.errors import UserError
+from student_train.distributed import epoch_seed, init_distributed
 from student_train.loader import StudentLoader
 from student_train.losses import KDObjective, gradient_shares
 from student_train.students import Student
@@ -104,12 +106,6 @@ def check_cache(cfg: Config, kind: str, meta: dict) -> dict:
     return plan
 
 
-def _dist() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 class _Step(nn.Module):
     """Student + objective as one module, so DDP reduces the projectors' gradients too."""
 
@@ -126,7 +122,7 @@ class _Step(nn.Module):
 def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
                   log=print, on_epoch=None) -> dict:
     """Train (or resume) one student into out_dir; returns the final metrics line."""
-    rank, world = _dist()
+    rank, world = init_distributed()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if device == "cuda" and world > 1:
@@ -183,7 +179,6 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
             step_module.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["schedule"])
-            torch.set_rng_state(ck["rng"])
             start_epoch = ck["epoch"] + 1
             log(f"{kind}: resuming after epoch {ck['epoch'] + 1}/{t.epochs}")
     if rank == 0 and metrics_path.exists():  # drop lines of epochs that will be re-run
@@ -193,13 +188,16 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     clean = load_split(cfg.data, "clean")
     last = {}
     for epoch in range(start_epoch, t.epochs):
+        # every RNG the epoch draws from (CPU and CUDA: the PCA swap) restarts from (seed, rank, epoch), so the
+        # checkpoint's epoch number restores them all on resume, and each rank draws its own swap masks
+        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
         last = _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, device, rank, kind)
         last["test_clean_accuracy"] = _evaluate(student, clean, device, cfg.analysis.eval_batch_size)
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             _atomic_save({"model": step_module.state_dict(), "optimizer": opt.state_dict(),
-                          "schedule": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                          "schedule": sched.state_dict(), "epoch": epoch,
                           "digest": _digest(cfg, kind)}, ckpt_path)
             if on_epoch is not None:
                 on_epoch(last)
