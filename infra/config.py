@@ -75,7 +75,7 @@ class CacheConfig:
 class TrainConfig:
     students: list[str] = field(default_factory=lambda: ["student_kd_vit", "student_kd_cnn", "student_independent"])
     arch: str = "resnet_demo"     # student architecture (student_train.students.STUDENTS): resnet_demo | resnet50
-    epochs: int = 8
+    epochs: int = 5               # per trial; 3 seeds x 3 students fit the 10-minute demo
     batch_size: int = 128
     lr: float = 0.05              # SGD with Nesterov momentum, one-cycle schedule
     weight_decay: float = 5e-4
