@@ -119,6 +119,30 @@ def test_torchrun_dies_cleanly_resumes_and_matches_one_process(tiny_run, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+def test_a_failure_on_rank0_reaches_the_waiting_rank(tmp_path):
+    """Rank 0 fails while the others wait for its packing: it raises its own error, they raise one naming rank 0."""
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(
+        "import sys, time\n"
+        "from student_train.distributed import RankFailed, on_rank0\n"
+        "def pack():\n"
+        "    raise OSError('disk full')\n"
+        "try:\n"
+        "    on_rank0(pack, 'packing the cache')\n"
+        "except RankFailed as e:\n"
+        "    print('WAITER', e, flush=True)\n"
+        "    sys.exit(3)\n"
+        "except OSError as e:\n"
+        "    print('OWNER', e, flush=True)\n"
+        "    time.sleep(2)  # torchrun stops the other rank when this one exits: let it print first\n"
+        "    sys.exit(4)\n")
+    r = torchrun([str(script)], tmp_path / "log")
+    log = (tmp_path / "log").read_text()
+    assert r.returncode != 0
+    assert "OWNER disk full" in log, log[-2000:]
+    assert "WAITER rank 0 failed while packing the cache, so rank 1 stops too: OSError: disk full" in log, log[-2000:]
+
+
 def test_swap_masks_differ_across_ranks_and_repeat_per_epoch():
     """The PCA swap draws from the torch RNG, seeded per (seed, rank, epoch) at every epoch's start."""
     from student_train.distributed import epoch_seed
