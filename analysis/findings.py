@@ -192,3 +192,11 @@ def most_accurate(metrics: dict, variant: str) -> str | None:
     names = " and ".join(style(m).short for m in best)
     return (f"On *{variant}*, the most accurate student{'s are' if len(best) > 1 else ' is'} {names} "
             f"({fmt_stat(stats[best[0]], PERCENT)}) by mean.")
+
+
+def spread_note(metrics: dict) -> str:
+    seeds = metrics.get("seeds") or []
+    if len(seeds) > 1:
+        return (f"Students: mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+                f"[95% t-interval of the mean]. Teachers are one run each: no spread.")
+    return "One run per model: no spread over seeds, so no difference below can be called supported."

@@ -17,10 +17,11 @@ from typing import Callable
 
 from analysis import plots
 from analysis.document import Heading, Image, Para, Table, to_html, to_markdown
-from analysis.findings import INDEPENDENT, KD, LOGIT_KD, claim, findings, most_accurate, premise, stat, warnings
+from analysis.findings import (INDEPENDENT, KD, LOGIT_KD, claim, findings, most_accurate, premise, spread_note, stat,
+                               warnings)
+from analysis.grid import points, sweep_section
 from analysis.plots import order_models, style
 from analysis.quantities import FRACTION, PERCENT, Scale, eps_text, fmt, fmt_stat, jsonable
-from analysis.stats import MODEL_SECTIONS
 
 DEFAULT_PAIRS = {KD: "teacher_vit", "student_kd_cnn": "teacher_cnn"}
 # Table 1's "Distillation" column for students without a feature-distillation teacher
@@ -53,37 +54,6 @@ def _family(teacher: str) -> str:
     return style(teacher).display
 
 
-def _spread_note(metrics: dict) -> str:
-    seeds = metrics.get("seeds") or []
-    if len(seeds) > 1:
-        return (f"Students: mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
-                f"[95% t-interval of the mean]. Teachers are one run each: no spread.")
-    return "One run per model: no spread over seeds, so no difference below can be called supported."
-
-
-# ---- a sweep: one view of the metrics per grid point ----
-
-def _points(metrics: dict) -> list[tuple[str, dict]]:
-    """[(grid label, metrics with that point's students under their plain names)]; [("", metrics)] without a sweep."""
-    labels = list(dict.fromkeys(m.split("@", 1)[1] for m in metrics.get("meta", {}).get("models", []) if "@" in m))
-    if not labels:
-        return [("", metrics)]
-    return [(label, _view(metrics, label)) for label in labels]
-
-
-def _view(metrics: dict, label: str) -> dict:
-    def pick(section: dict) -> dict:
-        return {(k.split("@", 1)[0]): v for k, v in section.items() if "@" not in k or k.endswith("@" + label)}
-    view = dict(metrics)
-    for key in (*MODEL_SECTIONS, "stats", "cka_initial"):
-        if isinstance(metrics.get(key), dict):
-            view[key] = pick(metrics[key])
-    meta = dict(metrics.get("meta", {}))
-    meta["models"] = list(pick({m: None for m in meta.get("models", [])}))
-    view["meta"] = meta
-    return view
-
-
 # ---- Table 1 ----
 
 def _table1(metrics: dict, heading: str) -> list:
@@ -114,7 +84,7 @@ def _table1(metrics: dict, heading: str) -> list:
             rows.append([UNPAIRED.get(m, "—"), "Student" if m.startswith("student") else "—", style(m).display, *cells(m)])
     header = ["Distillation", "Role", "Model", *variants] + (["paper (published)"] if published else [])
     notes = ["— : not measured. Students are ResNets; the teacher's architecture is in parentheses. "
-             + _spread_note(metrics)]
+             + spread_note(metrics)]
     if published:
         notes.append(f"*paper (published)*: the paper's Table 1 for {PUBLISHED_SET[meta['dataset']]}, one number per "
                      f"model, beside the numbers measured here; the paper does not report an independent student.")
@@ -317,7 +287,7 @@ def _findings_blocks(metrics: dict, heading: str) -> list:
     if missing:
         sentences.append("Not measured: " + ", ".join(missing) + ".")
     blocks = [Heading(2, heading), Para("A difference is supported only when the 95% interval of the difference of "
-                                        "the two models' means (Welch, over seeds) excludes 0. " + _spread_note(metrics))]
+                                        "the two models' means (Welch, over seeds) excludes 0. " + spread_note(metrics))]
     return blocks + [Para(s) for s in sentences if s]
 
 
@@ -347,12 +317,12 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
               Para(f"Dataset: {meta.get('dataset', 'unknown')} · commit: {meta.get('commit', 'unknown')} · "
                    f"created: {meta.get('created', 'unknown')}"),
               Heading(2, "Premise (measured on the teachers)"), *(Para(p) for p in premise(metrics))]
-    points = _points(metrics)
-    for label, view in points:
+    views = points(metrics)
+    for label, view in views:
         at = f" at {label}" if label else ""
         blocks += _table1(view, f"Table 1: top-1 accuracy (%) per test variant{at}")
         blocks += _findings_blocks(view, f"Findings{at}")
-    if len(points) > 1:
+    if len(views) > 1:
         section, plot_paths = sweep_section(metrics, out_dir)
         blocks += section
         paths.update(plot_paths)
@@ -380,32 +350,3 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
     paths["html"] = out_dir / "report.html"
     paths["html"].write_text(to_html(blocks, title), encoding="utf-8")
     return paths
-
-
-# ---- a sweep: each measure against the swept value ----
-
-SWEEP_MEASURES = [("accuracy.clean", "clean accuracy", PERCENT), ("fourier.low_frequency_reliance",
-                  "low-frequency reliance", FRACTION), ("shape_bias", "shape bias", FRACTION),
-                  ("gradcam.entropy", "GradCAM entropy", FRACTION), ("cka_initial", "initial-layer CKA", FRACTION)]
-
-
-def sweep_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    """A table (rows: student × grid point) and a plot of each measure against the swept value."""
-    sweep = metrics.get("meta", {}).get("sweep") or {}
-    points = [label for label, _ in _points(metrics)]
-    students = order_models(m.split("@", 1)[0] for m in metrics.get("meta", {}).get("models", []) if "@" in m)
-    measures = [(k, name, scale) for k, name, scale in SWEEP_MEASURES
-                if any(stat(metrics, f"{s}@{p}", k) for s in students for p in points)]
-    occluded = max((x for e in (metrics.get("occlusion") or {}).values() for x in e.get("fraction", [])), default=None)
-    if occluded:
-        measures.append((f"occlusion@{occluded:g}", f"accuracy, {occluded:.0%} occluded", PERCENT))
-    rows = [[style(s).display, p, *(fmt_stat(stat(metrics, f"{s}@{p}", k), scale, table=True) for k, _, scale in measures)]
-            for s in students for p in points]
-    series = {s: {k: [stat(metrics, f"{s}@{p}", k) for p in points] for k, _, _ in measures} for s in students}
-    path = plots.plot_sweep(series, points, [(k, f"{name}{' (%)' if scale is PERCENT else ''}", scale.factor)
-                                             for k, name, scale in measures], out / "sweep.png")
-    keys = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in sweep.items())
-    return [Heading(2, "Sweep"), Para(f"Swept: {keys}. Every grid point trains every student once per seed from the "
-                                      f"same caches and packed file. " + _spread_note(metrics)),
-            Table(["Student", "grid point", *(name for _, name, _ in measures)], rows),
-            Image(path, "Each measure against the swept value (mean ± standard deviation over seeds)")], {"plot_sweep": path}

@@ -14,6 +14,7 @@ from its own last checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -147,15 +148,21 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     if todo:
         ensure_ray(cfg.ray)
         storage = out / "train" / TUNE_DIR
-        name = f"sweep-{trial_digest(cfg)}-{cfg.digest('sweep')[:8]}"
+        # named by the trials to run too: a restore re-runs only the trials its experiment recorded, so a
+        # trial found missing or damaged later (its directory deleted) needs an experiment of its own
+        todo_digest = hashlib.sha256(" ".join(sorted(t.name for t in todo)).encode()).hexdigest()[:8]
+        name = f"sweep-{trial_digest(cfg)}-{cfg.digest('sweep')[:8]}-{todo_digest}"
         threads = 1 if device == "cuda" else cfg.train.trial_cpus
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, base=cfg.to_dict(), out=str(out), beton=str(Path(beton).resolve()),
                                  meta=meta, device=device, threads=threads),
             _resources(device, cfg))
         experiment = storage / name
+        # Tune's legacy console output, which verbose=0 silences entirely (the new one still prints tables)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         log(f"train: {len(todo)} trial(s) to run, {len(reused)} finished trial(s) reused; Tune results in {experiment}")
         if tune.Tuner.can_restore(experiment):
+            log(f"train: resuming the interrupted sweep in {experiment}")
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
             space = {"trial": tune.grid_search([{"student": t.student, "seed": t.seed, "grid": [list(p) for p in t.grid]}
@@ -168,8 +175,9 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
         results = tuner.fit()
         errors = [r for r in results if r.error is not None]
         if errors:
-            raise SweepError(f"{len(errors)} trial(s) failed, first: {errors[0].path}: {errors[0].error}; "
-                             f"the same command resumes the sweep") from None
+            last = [line for line in str(errors[0].error).splitlines() if line.strip()][-1:]  # the exception itself
+            raise SweepError(f"{len(errors)} trial(s) failed, first in {errors[0].path}: {' '.join(last)}; its "
+                             f"error.txt there has the traceback; the same command resumes the sweep") from None
     final = {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials}
     missing = [n for n, f in final.items() if f is None]
     if missing:

@@ -1,0 +1,63 @@
+"""A sweep in the report: the metrics seen one grid point at a time, and each measure against the swept value.
+
+With a sweep, each grid point of a student is a model of its own, "<student>@<key>=<value>". A view of
+one point names that point's students plainly, so Table 1 and the findings read as for a single run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from analysis import plots
+from analysis.document import Heading, Image, Para, Table
+from analysis.findings import spread_note, stat
+from analysis.plots import order_models, style
+from analysis.quantities import FRACTION, PERCENT, fmt_stat
+from analysis.stats import MODEL_SECTIONS
+
+
+def points(metrics: dict) -> list[tuple[str, dict]]:
+    """[(grid label, metrics with that point's students under their plain names)]; [("", metrics)] without a sweep."""
+    labels = list(dict.fromkeys(m.split("@", 1)[1] for m in metrics.get("meta", {}).get("models", []) if "@" in m))
+    if not labels:
+        return [("", metrics)]
+    return [(label, _view(metrics, label)) for label in labels]
+
+
+def _view(metrics: dict, label: str) -> dict:
+    def pick(section: dict) -> dict:
+        return {(k.split("@", 1)[0]): v for k, v in section.items() if "@" not in k or k.endswith("@" + label)}
+    view = dict(metrics)
+    for key in (*MODEL_SECTIONS, "stats", "cka_initial"):
+        if isinstance(metrics.get(key), dict):
+            view[key] = pick(metrics[key])
+    meta = dict(metrics.get("meta", {}))
+    meta["models"] = list(pick({m: None for m in meta.get("models", [])}))
+    view["meta"] = meta
+    return view
+
+
+SWEEP_MEASURES = [("accuracy.clean", "clean accuracy", PERCENT), ("fourier.low_frequency_reliance",
+                  "low-frequency reliance", FRACTION), ("shape_bias", "shape bias", FRACTION),
+                  ("gradcam.entropy", "GradCAM entropy", FRACTION), ("cka_initial", "initial-layer CKA", FRACTION)]
+
+
+def sweep_section(metrics: dict, out: Path) -> tuple[list, dict]:
+    """A table (rows: student × grid point) and a plot of each measure against the swept value."""
+    sweep = metrics.get("meta", {}).get("sweep") or {}
+    labels = [label for label, _ in points(metrics)]
+    students = order_models(m.split("@", 1)[0] for m in metrics.get("meta", {}).get("models", []) if "@" in m)
+    measures = [(k, name, scale) for k, name, scale in SWEEP_MEASURES
+                if any(stat(metrics, f"{s}@{p}", k) for s in students for p in labels)]
+    occluded = max((x for e in (metrics.get("occlusion") or {}).values() for x in e.get("fraction", [])), default=None)
+    if occluded:
+        measures.append((f"occlusion@{occluded:g}", f"accuracy, {occluded:.0%} occluded", PERCENT))
+    rows = [[style(s).display, p, *(fmt_stat(stat(metrics, f"{s}@{p}", k), scale, table=True) for k, _, scale in measures)]
+            for s in students for p in labels]
+    series = {s: {k: [stat(metrics, f"{s}@{p}", k) for p in labels] for k, _, _ in measures} for s in students}
+    path = plots.plot_sweep(series, labels, [(k, f"{name}{' (%)' if scale is PERCENT else ''}", scale.factor)
+                                             for k, name, scale in measures], out / "sweep.png")
+    keys = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in sweep.items())
+    return [Heading(2, "Sweep"), Para(f"Swept: {keys}. Every grid point trains every student once per seed from the "
+                                      f"same caches and packed file. " + spread_note(metrics)),
+            Table(["Student", "grid point", *(name for _, name, _ in measures)], rows),
+            Image(path, "Each measure against the swept value (mean ± standard deviation over seeds)")], {"plot_sweep": path}
