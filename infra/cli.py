@@ -2,7 +2,8 @@
 
 Every subcommand takes --config PATH (default: the embedded demo), --out DIR (default runs/demo)
 and trailing key.sub=value overrides. Bad input exits with status 2 and a message naming the
-problem and the fix; nothing already written is touched before the config has been validated.
+problem and the fix; a run that fails its checks leaves --out as it was. Ctrl-C prints where the
+stage stopped and exits with status 130; the same command resumes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from infra.config import ConfigError, load_config
-from infra.errors import UserError
+from infra.errors import Interrupted, UserError
 
 DEFAULT_OUT = "runs/demo"
 
@@ -22,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: the embedded demo, infra/configs/demo.yaml)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true",
-                   help="allow a different config to replace results already in --out")
+                   help="let a different config replace the results in --out that it changes (the rest is reused)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=3")
 
 
@@ -59,15 +60,21 @@ def _run_stages(args, stages: list[str]) -> int:
     out = Path(args.out)
     from student_train.distributed import check_launch, is_main
     check_launch(stages)
-    if is_main():  # under torchrun rank 0 alone checks and writes OUT/run.json; the others wait for its packing
-        pipeline.prepare_out(cfg, out, args.overwrite)
+    if is_main():  # under torchrun rank 0 alone checks OUT (and writes in it); the others wait for its packing
+        pipeline.check_out(cfg, out, args.overwrite)
     rows, seconds = [], {}
     outputs = {"cache": out / "cache", "train": out / "train", "analyze": out / "report" / "report.md"}
     for stage in stages:
         start = time.time()
         fn = {"cache": pipeline.stage_cache, "train": pipeline.stage_train, "analyze": pipeline.stage_analyze}[stage]
         kwargs = {"seconds": seconds} if stage == "analyze" else {}
-        res = fn(cfg, out, overwrite=args.overwrite, **kwargs)
+        try:
+            res = fn(cfg, out, overwrite=args.overwrite, **kwargs)
+        except KeyboardInterrupt as e:  # one line, not a traceback: where it stopped and how to go on
+            where = f" {e}" if isinstance(e, Interrupted) else ""
+            print(f"\nhakd: interrupted in `hakd {stage}`{where}; run the same command again to resume",
+                  file=sys.stderr)
+            return 130
         seconds[stage] = round(time.time() - start, 1)
         rows.append((stage, res["status"], seconds[stage], str(outputs[stage]) + (f" ({res['note']})" if res.get("note") else "")))
     print("\n" + _summary(rows))
@@ -105,6 +112,8 @@ def _dry_run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ctrl-C must reach us as KeyboardInterrupt: Ray Tune's own handler would end the sweep as a failure
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
         if args.command == "verify":
             return _verify(args)

@@ -7,8 +7,9 @@ FFCV's numba pipeline cannot decode float16, so features are stored as their int
 and reinterpreted as float16 on the torch side (`loader.py`). int8 features (cache.feature_dtype)
 are packed as int8 beside their float16 scales and dequantised on the device in the student step.
 
-The file is rebuilt only when a cache changes: `data.json` beside it records the identity and
-per-shard checksums of the stores it was packed from.
+The file is rebuilt only when a cache changes or the file is damaged: `data.json` beside it records
+the identity and per-shard checksums of the stores it was packed from, and the file's own size and
+CRC-32C. The stores are checked by their recorded file checksums (disk speed), not by decoding them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.integrity import file_crc32c
 from teacher_cache.store import CacheStore, StoreError
 
 FFCV_NAME, META_NAME = "data.beton", "data.json"
@@ -75,6 +77,25 @@ class _Rows:
         return tuple(out)
 
 
+def _whole_pack(out_dir: Path, digest: str) -> dict | None:
+    """The recorded meta when out_dir holds a file packed from stores of this digest, of the recorded size and CRC."""
+    beton, meta_path = Path(out_dir) / FFCV_NAME, Path(out_dir) / META_NAME
+    if not (beton.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        return None
+    if meta.get("source_digest") != digest or meta.get("beton_bytes") != beton.stat().st_size:
+        return None
+    return meta if meta.get("beton_crc32c") == file_crc32c(beton) else None
+
+
+def packed_file(stores: dict[str, Path], out_dir: Path) -> dict | None:
+    """The meta of out_dir's packed file if it is whole and was packed from `stores` as they are now, else None."""
+    return _whole_pack(out_dir, _source_digest({role: CacheStore.open(p) for role, p in stores.items()}))
+
+
 def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) -> tuple[Path, dict]:
     """Write (or reuse) `out_dir/data.beton` from the role -> store mapping; returns (path, meta)."""
     from ffcv.fields import IntField, NDArrayField
@@ -96,12 +117,12 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
                                f"different data or views; re-run `hakd cache` with one config")
     digest = _source_digest(opened)
     out_dir = Path(out_dir)
+    beton = out_dir / FFCV_NAME
+    meta = _whole_pack(out_dir, digest)
+    if meta is not None:
+        return beton, meta
     out_dir.mkdir(parents=True, exist_ok=True)
-    beton, meta_path = out_dir / FFCV_NAME, out_dir / META_NAME
-    if beton.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("source_digest") == digest:
-            return beton, meta
+    meta_path = out_dir / META_NAME
 
     arrays = {role: [a for a in lay.arrays() if a == "logits" or a.startswith(("features/", "scales/"))]
               for role, lay in layouts.items()}
@@ -130,7 +151,8 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     log(f"packing {len(rows)} rows ({row_bytes / 1024:.1f} KiB each) into {beton}")
     writer.from_indexed_dataset(rows, chunksize=first.shard_size * first.views)  # one shard read per chunk
     os.replace(tmp, beton)  # a half-written file never takes the real name
-    meta = {"source_digest": digest, "rows": len(rows), "images": first.n, "views": first.views,
+    meta = {"source_digest": digest, "beton_bytes": beton.stat().st_size, "beton_crc32c": file_crc32c(beton),
+            "rows": len(rows), "images": first.n, "views": first.views,
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
             "stores": {r: str(Path(p).resolve()) for r, p in stores.items()},
             "identities": {r: o.attrs["identity"] for r, o in opened.items()}}
