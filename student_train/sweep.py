@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import hashlib
 import itertools
 import json
 import os
@@ -24,7 +23,6 @@ from typing import NamedTuple
 
 from infra.config import Config, config_from_dict, dump_config
 from infra.errors import UserError
-from infra.integrity import loads_tensors
 from infra.integrity import loads_tensors
 
 TUNE_DIR = "tune"  # OUT/train/tune/<experiment>/<trial>/: Tune's own result files

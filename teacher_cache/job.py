@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from infra.config import Config, config_from_dict
 from infra.integrity import loads_tensors
-from infra.integrity import loads_tensors
 from infra.provenance import provenance
 from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.fit import build_teacher, fit_teacher, head_mode, load_fitted
@@ -262,15 +261,6 @@ class CacheWorker:
                 still.append((u, fut))
         self.pending = still
         return done
-
-
-def written_for(path: Path, ident: dict) -> bool:
-    """True when the store at `path` exists and was written for exactly `ident`."""
-    try:
-        CacheStore.check_identity(path, ident)
-    except StoreError:
-        return False
-    return True
 
 
 def written_for(path: Path, ident: dict) -> bool:
