@@ -1,0 +1,39 @@
+"""`hakd bench cache`: the per-stage breakdown, the disk probe and the stores in /dev/shm (tiny profile)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from infra.bench import cache
+from infra.bench.common import PROFILES, Context, resolve_profile
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizer
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+def test_cache_bench_breakdown_in_ram(tmp_path):
+    p = resolve_profile("tiny", "cpu", ["store_dir=/dev/shm", "codec_overrides=features/layer3=zstd"])
+    ctx = Context(dataclasses.replace(p, repeats=1), tmp_path)
+    assert str(ctx.store_dir).startswith("/dev/shm/hakd-bench-")
+    line = cache.run(ctx)
+    assert line["disk_write_mb_s"] > 0 and line["params"]["store_dir"] == "/dev/shm"
+    for name, fig in line["teachers"].items():
+        stages = fig["stages_s_per_unit"]
+        assert list(stages) == list(cache.STAGES), name
+        assert all(v >= 0 for v in stages.values()) and stages["compute"] > 0 and stages["write"] > 0, stages
+        assert fig["bare_needs_mb_s"] > 0 and fig["compression_ratio"] > 0
+    assert line["teachers"]["wrn_demo"]["compression_ratio"] > line["teachers"]["vit_demo"]["compression_ratio"]
+    assert ctx.store("teacher_cnn").verify() == [] and ctx.store("teacher_vit").verify() == []
+    folder = Path(ctx.store_dir)
+    del ctx, line  # the stores' folder in RAM goes with the context
+    import gc
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_profile_refuses_a_bad_codec():
+    with pytest.raises(Exception, match="cache.codec"):
+        Context(dataclasses.replace(PROFILES["tiny"], codec="gzip"), Path("/nonexistent"))
