@@ -236,7 +236,7 @@ def _remove_unstarted(out: Path, existed: set[Path]) -> None:
         if d not in existed and d.parent.name != "tune" and not (d / "checkpoint.pt").exists():
             shutil.rmtree(d, ignore_errors=True)
     for d in train.glob("*/"):
-        if d.name != "tune" and d not in existed and not any(d.iterdir()):
+        if d.name != "tune" and not any(d.iterdir()):
             d.rmdir()
 
 
