@@ -17,6 +17,7 @@ import copy
 import hashlib
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -158,8 +159,10 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
                                  meta=meta, device=device, threads=threads),
             _resources(device, cfg))
         experiment = storage / name
-        # Tune's legacy console output, which verbose=0 silences entirely (the new one still prints tables)
+        # Tune's legacy console output, which verbose=0 silences entirely (the new one still prints tables);
+        # its INFO lines and a restore's warnings about trials that never reported say nothing a user acts on
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
         log(f"train: {len(todo)} trial(s) to run, {len(reused)} finished trial(s) reused; Tune results in {experiment}")
         if tune.Tuner.can_restore(experiment):
             log(f"train: resuming the interrupted sweep in {experiment}")

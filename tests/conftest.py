@@ -11,7 +11,7 @@ TINY = [  # a config that exercises every stage in seconds
     "data.train_size=128", "data.test_size=40",
     "teacher_vit.fit_epochs=1", "teacher_cnn.fit_epochs=1",
     "cache.views=3", "cache.shard_size=32", "cache.chunk_size=16", "cache.batch_size=64",
-    "train.epochs=2", "train.batch_size=32", "train.loader_workers=1",
+    "train.epochs=2", "train.batch_size=32", "train.loader_workers=1", "train.seeds=[0]",
     "analysis.cka_samples=40", "analysis.cka_batch_size=20", "analysis.gradcam_samples=4",
     "analysis.gradcam_eval_samples=8", "analysis.adversarial_samples=16", "analysis.pgd_steps=2",
     "analysis.eval_batch_size=40", "analysis.fourier_radii=[0.2,0.6,1.0]",

@@ -19,11 +19,12 @@ def test_run_writes_every_output(tiny_run):
     assert (out / "cache" / "wrn_demo.zarr" / "zarr.json").is_file()
     assert (out / "train" / "data.beton").is_file()
     for s in MODELS[2:]:
-        lines = (out / "train" / s / "metrics.jsonl").read_text().splitlines()
+        lines = (out / "train" / s / "seed0" / "metrics.jsonl").read_text().splitlines()  # one directory per trial
         assert len(lines) == 2 and "ce" in json.loads(lines[-1])
-        assert (out / "train" / s / "model.pt").is_file()
+        assert (out / "train" / s / "seed0" / "model.pt").is_file()
     m = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(m["accuracy"]) == set(MODELS)
+    assert set(m["accuracy"]) == set(MODELS) and m["seeds"] == [0]
+    assert m["stats"]["student_kd_vit"]["accuracy.clean"]["values"] == [m["accuracy"]["student_kd_vit"]["clean"]]
     for model in MODELS:
         assert set(m["accuracy"][model]) == {"clean", "occluded", "texture"}
         assert all(0.0 <= v <= 1.0 for v in m["accuracy"][model].values())
@@ -91,10 +92,10 @@ def test_damaged_model_file_is_refused_before_analysis(tiny_run, tmp_path, capsy
     out = tmp_path / "copy"
     shutil.copytree(tiny_run, out)
     (out / "report" / "run.json").unlink()  # analysis must run again
-    (out / "train" / "student_independent" / "model.pt").write_bytes(b"not a checkpoint")
+    (out / "train" / "student_independent" / "seed0" / "model.pt").write_bytes(b"not a checkpoint")
     assert main(["analyze", "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
-    assert "student_independent/model.pt" in err and "cannot be read" in err
+    assert "student_independent/seed0/model.pt" in err and "cannot be read" in err
     assert not (out / "report" / "run.json").exists()
 
 

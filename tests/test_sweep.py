@@ -1,0 +1,68 @@
+"""Runs and sweeps: the trial plan, per-trial configs, and one small sweep that reuses the cache and packed file."""
+import json
+import re
+import shutil
+
+import pytest
+
+from infra.cli import main
+from infra.config import ConfigError, load_config
+from student_train.sweep import Trial, finished, plan_trials, trial_config, trial_dir
+from tests.conftest import TINY
+
+
+def test_plan_and_trial_configs():
+    cfg = load_config(None, [*TINY, "train.students=[student_kd_vit,student_independent]", "train.seeds=[0,1]",
+                             "sweep={train.kd_lambda: [0.5, 2], train.lr: [0.1]}"])
+    trials = plan_trials(cfg)
+    assert len(trials) == 2 * 2 * 2
+    assert trials[0] == Trial("student_kd_vit", 0, (("train.kd_lambda", 0.5), ("train.lr", 0.1)))
+    assert trials[0].name == "student_kd_vit/seed0_kd_lambda=0.5_lr=0.1"
+    assert trials[0].grid_label == "kd_lambda=0.5,lr=0.1"
+    one = trial_config(cfg, trials[3])
+    assert (one.seed, one.train.seeds, one.train.students) == (1, [1], ["student_kd_vit"])
+    assert (one.train.kd_lambda, one.train.lr, one.sweep) == (2.0, 0.1, {})
+    # adding a seed or a grid point leaves the configs, so the reuse, of the other trials unchanged
+    more = load_config(None, [*TINY, "train.students=[student_kd_vit]", "train.seeds=[0,1,5]",
+                              "sweep={train.kd_lambda: [0.5, 2, 4], train.lr: [0.1]}"])
+    assert trial_config(more, trials[3]).digest() == one.digest()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep={data.seed: [1, 2]}", "sweep.data.seed: not a train.* config key"),
+    ("sweep={train.seeds: [1]}", "seeds are train.seeds"),
+    ("sweep={train.kd_lambda: [-1]}", "sweep.train.kd_lambda: value -1.0 is impossible"),
+    ("sweep={train.epochs: [1.5]}", "sweep.train.epochs[0]: expected an integer"),
+    ("sweep={train.lr: []}", "sweep.train.lr: give at least one value"),
+    ("train.seeds=[1,1]", "train.seeds: names a seed twice"),
+])
+def test_bad_sweeps_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*TINY, override])
+
+
+def test_sweep_reuses_cache_packed_file_and_finished_trials(tiny_run, tmp_path, capsys):
+    """A second seed trains one trial from the same stores and packed file; a re-run trains nothing."""
+    out = tmp_path / "sweep"
+    shutil.copytree(tiny_run, out)
+    written = {p: p.stat().st_mtime_ns for p in [*(out / "cache").rglob("*"), *(out / "teachers").rglob("*"),
+                                                  out / "train" / "data.beton"] if p.is_file()}
+    args = ["train", "--out", str(out), "--overwrite", *TINY, "train.students=[student_independent]",
+            "train.seeds=[0,1]"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "data.beton reused; 1 trial(s) trained, 1 reused" in capsys.readouterr().out  # seed 0: from tiny_run
+    cfg = load_config(None, args[4:])
+    new = Trial("student_independent", 1, ())
+    assert finished(out, cfg, new) is not None
+    d = trial_dir(out, new)
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == 2
+    assert {"config.yaml", "checkpoint.pt", "model.pt", "summary.json"} <= {p.name for p in d.iterdir()}
+    progress = list((out / "train" / "tune").glob("*/student_independent-seed1/progress.csv"))
+    assert len(progress) == 1 and len(progress[0].read_text().splitlines()) == 3  # Tune's own file: header + 2 epochs
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # no teacher forward, no packing
+
+    (out / "train" / "run.json").unlink()  # the stage must look again: every trial is found finished
+    assert main(args) == 0
+    assert "data.beton reused; 0 trial(s) trained, 2 reused" in capsys.readouterr().out
+    assert json.loads((out / "train" / "run.json").read_text())["packing"] == "reused"
