@@ -33,6 +33,11 @@ def chance(metrics: dict) -> float | None:
     return 1 / n if n else None
 
 
+def at_chance(accuracy: float, floor: float) -> bool:
+    """At or below chance; accuracies come from float32 counts, so equal to chance within 1e-6 counts as at."""
+    return accuracy <= floor + 1e-6
+
+
 def _mean(s: dict | None) -> float:
     return float("nan") if not s or s.get("mean") is None else s["mean"]
 
@@ -42,7 +47,7 @@ def _verdict(a: dict, b: dict, scale: Scale) -> str:
     if d is None:
         return "not comparable"
     if d.ci95 is None:
-        return f"difference {fmt_diff(d.diff, scale)} from a single run on one side: no spread, so no claim"
+        return f"difference {fmt_diff(d.diff, scale)}, but one of the two is a single run: no spread, so no claim"
     lo, hi = (fmt(c, scale, suffix=False) for c in d.ci95)
     if d.separated:
         return (f"{fmt_diff(d.diff, scale)} (95% interval of the difference {lo} to {hi}, Welch): "
@@ -62,7 +67,7 @@ def compare(metrics: dict, measure: str, label: str, scale: Scale, subject: str 
         b = stat(metrics, other, measure)
         if other == subject or b is None or not math.isfinite(_mean(b)):
             continue
-        below = [m for m, s in ((subject, a), (other, b)) if floor is not None and _mean(s) <= floor + 1e-12]
+        below = [m for m, s in ((subject, a), (other, b)) if floor is not None and at_chance(_mean(s), floor)]
         if below:
             who = " and ".join(style(m).short for m in below)
             verdict = f"{who} {'are' if len(below) > 1 else 'is'} at or below chance ({fmt(floor, PERCENT)}): not read as a finding"
@@ -188,6 +193,9 @@ def most_accurate(metrics: dict, variant: str) -> str | None:
     if not stats:
         return None
     top = max(shown(_mean(s), PERCENT) for s in stats.values())
+    floor = chance(metrics)
+    if floor is not None and at_chance(max(_mean(s) for s in stats.values()), floor):
+        return f"On *{variant}*, no student is above chance ({fmt(floor, PERCENT)})."
     best = [m for m, s in stats.items() if shown(_mean(s), PERCENT) == top]
     names = " and ".join(style(m).short for m in best)
     return (f"On *{variant}*, the most accurate student{'s are' if len(best) > 1 else ' is'} {names} "

@@ -155,8 +155,8 @@ def test_single_runs_make_no_claim(tmp_path):
     metrics["adversarial"]["student_kd_cnn"]["pgd"]["accuracy"][-1] = 0.25
     findings = _findings(write_report(metrics, tmp_path)["markdown"].read_text())
     assert "One run per model: no spread over seeds" in findings
-    assert "Low-frequency reliance: the KD student 0.800; against the control student (0.700) difference +0.100 " \
-           "from a single run on one side: no spread, so no claim" in findings
+    assert "Low-frequency reliance: the KD student 0.800; against the control student (0.700) difference +0.100, " \
+           "but one of the two is a single run: no spread, so no claim" in findings
     assert "Accuracy under PGD at ε = 8/255: the KD student 10.00%; against the control student (25.00%) " \
            "difference -15.00 points" in findings
     assert "separate the models" not in findings
@@ -191,6 +191,10 @@ def test_below_chance_is_not_a_finding(tmp_path):
            "student are at or below chance (10.00%): not read as a finding" in findings
     assert "against the independent student (31.00% ± 1.00 (95% interval 28.52–33.48)) the KD student is at or " \
            "below chance" in findings
+    all_at_chance = _seeded({"student_kd_vit": [0.1, 0.1, 0.1], "student_kd_cnn": [0.05, 0.1, 0.1]})
+    findings = _findings(write_report(all_at_chance, tmp_path)["markdown"].read_text())
+    assert "On *occluded*, no student is above chance (10.00%)." in findings
+    assert "the KD student and the control student are at or below chance" in findings
 
 
 def test_report_on_data_it_was_not_built_for(tmp_path):
