@@ -96,7 +96,8 @@ def _verify(args) -> int:
             print(f"{p}: {len(problems)} problem(s)")
             for pr in problems[:20]:
                 print(f"  - {pr}")
-            print("  fix: re-run `hakd cache` with the same config and --out; it rewrites exactly these shards")
+            print("  fix: re-run `hakd cache` with the same config and --out; it rewrites exactly the damaged or "
+                  "incomplete units and parameter groups")
         else:
             print(f"{p}: ok")
     return 1 if bad else 0
