@@ -270,9 +270,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     for o in overrides:
         data = _merge(data, parse_override(o))
+    if isinstance(data.get("sweep"), dict):  # `sweep.train.lr=[...]` nests the key; a sweep key is written whole
+        data["sweep"] = _dotted(data["sweep"])
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": [..]}} -> {"train.lr": [..]}: nested mappings joined into dotted keys."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_dotted(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
 
 
 def config_from_dict(data: dict) -> Config:

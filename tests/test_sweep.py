@@ -28,6 +28,12 @@ def test_plan_and_trial_configs():
     assert trial_config(more, trials[3]).digest() == one.digest()
 
 
+def test_sweep_keys_from_the_command_line():
+    nested = load_config(None, [*TINY, "sweep.train.kd_lambda=[0.5,2]", "sweep.train.lr=[0.1]"])
+    assert nested.sweep == {"train.kd_lambda": [0.5, 2], "train.lr": [0.1]}
+    assert load_config(None, [*TINY, "sweep={train.kd_lambda: [0.5, 2]}"]).sweep == {"train.kd_lambda": [0.5, 2]}
+
+
 @pytest.mark.parametrize("override, message", [
     ("sweep={data.seed: [1, 2]}", "sweep.data.seed: not a train.* config key"),
     ("sweep={train.seeds: [1]}", "seeds are train.seeds"),
