@@ -121,7 +121,10 @@ class _Step(nn.Module):
 
 def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
                   log=print, on_epoch=None) -> dict:
-    """Train (or resume) one student into out_dir; returns the final metrics line."""
+    """Train (or resume) one student into out_dir; returns the final metrics line.
+
+    on_epoch(metrics), when given, is called on rank 0 after each epoch's checkpoint is written
+    (the sweep reports to Ray Tune with it)."""
     rank, world = init_distributed()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
