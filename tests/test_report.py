@@ -134,6 +134,7 @@ def test_findings_say_whether_the_runs_separate_the_models(tmp_path):
            "(95% interval -3.1" in findings and "includes 0): the runs do not separate the models" in findings
     table1 = write_report(metrics, tmp_path)["markdown"].read_text().split("## Table 1", 1)[1].split("\n## ", 1)[0]
     assert "| 81.00 ± 1.00 [78.52, 83.48] |" in table1
+    assert '<td class="n">81.00 ± 1.00 [78.52, 83.48]</td>' in (tmp_path / "report.html").read_text()  # right-aligned
 
 
 def test_the_claim_is_judged_over_seeds(tmp_path):
