@@ -48,8 +48,9 @@ class DataConfig:
 class TeacherConfig:
     name: str = "vit_demo"        # registry name (teacher_cache.teachers.TEACHERS)
     weights: str | None = None    # local weights file; None = train (demo) or the hub cache (real)
+    embedded: bool | None = None  # start from the weights shipped with hakd (vit_demo: pretrained on shape-only data, the demo's stand-in for CLIP); null = on the shapes data they were trained for, when no weights file is given
     layers: list[str] = field(default_factory=list)  # cached layers; empty = the registry default
-    head: str = "auto"            # auto | trained (demo teachers fit end to end) | probe (linear probe on pooled features)
+    head: str = "auto"            # auto | trained (fit end to end) | probe (linear probe on pooled features) | pretrained (the embedded weights' own head, shapes only); auto = pretrained with embedded weights on shapes, trained for other demo teachers, else probe
     fit_epochs: int = 12          # demo teachers: epochs of end-to-end training on the training split
     fit_lr: float = 2e-3          # demo teachers: AdamW learning rate
 
@@ -298,6 +299,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
+    from teacher_cache.embedded import EMBEDDED, uses_embedded
     d, c, t, a = cfg.data, cfg.cache, cfg.train, cfg.analysis
     need(d.name in DATASETS, "data.name", f"{d.name!r} is not one of {', '.join(DATASETS)}")
     need(8 <= d.image_size <= 1024, "data.image_size", "must be between 8 and 1024")
@@ -307,12 +309,24 @@ def validate(cfg: Config) -> None:
     need(0.0 <= d.occlusion_fraction < 1.0, "data.occlusion_fraction", "must be in [0, 1)")
     for role in ("teacher_vit", "teacher_cnn"):
         tc: TeacherConfig = getattr(cfg, role)
-        need(tc.head in ("auto", "trained", "probe"), f"{role}.head", "must be auto, trained or probe")
+        need(tc.head in ("auto", "trained", "probe", "pretrained"), f"{role}.head",
+             "must be auto, trained, probe or pretrained")
+        need(tc.head != "pretrained" or (uses_embedded(tc, d) and d.name == "shapes"), f"{role}.head",
+             "pretrained keeps the head of the embedded weights, which classifies the demo's shapes: use it with "
+             "data.name=shapes and embedded weights, or choose probe")
         need(tc.fit_epochs >= 0, f"{role}.fit_epochs", "must be >= 0")
         need(tc.fit_lr > 0, f"{role}.fit_lr", "must be positive")
         if tc.weights is not None:
             need(Path(tc.weights).expanduser().is_file(), f"{role}.weights",
                  f"file {tc.weights} does not exist; give the path of a local weights file or null")
+        if tc.embedded:
+            need(tc.name in EMBEDDED, f"{role}.embedded",
+                 f"hakd ships weights for {', '.join(EMBEDDED)} only, not {tc.name}; set {role}.embedded=false")
+            need(tc.weights is None, f"{role}.embedded", f"and {role}.weights are both set; keep one of them")
+            need(d.image_size == EMBEDDED[tc.name][2], f"{role}.embedded",
+                 f"the embedded {tc.name} weights were trained at {EMBEDDED[tc.name][2]} px, not data.image_size="
+                 f"{d.image_size}; set {role}.embedded=false (train it from scratch) or data.image_size="
+                 f"{EMBEDDED[tc.name][2]}")
     need(c.views >= 1, "cache.views", "must be >= 1")
     need(0 < c.crop_scale[0] <= c.crop_scale[1] <= 1.0, "cache.crop_scale", "must satisfy 0 < min <= max <= 1")
     need(0 < c.crop_ratio[0] <= c.crop_ratio[1], "cache.crop_ratio", "must satisfy 0 < min <= max")

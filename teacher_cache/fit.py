@@ -5,6 +5,9 @@
 - `probe`: the backbone stays frozen and a linear head is fitted on its pooled features of the
   plain training images (the default for real teachers: cheap, and the features stay the
   pretrained ones the paper distils).
+- `pretrained`: nothing is fitted; the head is the one that came with the weights (the embedded,
+  shape-pretrained `vit_demo`, whose head already names the demo's shapes: the analogue of CLIP's
+  zero-shot classifier).
 The result is saved as `OUT/teachers/<role>.pt` (a state dict, loaded back with weights_only) with
 `<role>.json` beside it holding the clean test accuracy.
 """
@@ -20,15 +23,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from infra.config import Config, TeacherConfig
+from infra.config import Config, DataConfig, TeacherConfig
 from teacher_cache.datasets import class_names, load_split
+from teacher_cache.embedded import load_embedded, uses_embedded
 from teacher_cache.teachers import Teacher, find_weights, get_spec, load_backbone_weights
 from teacher_cache.views import apply_views, sample_views
 
 
-def head_mode(tc: TeacherConfig) -> str:
+def head_mode(tc: TeacherConfig, data: DataConfig) -> str:
     if tc.head != "auto":
         return tc.head
+    if uses_embedded(tc, data):  # the embedded head names the shapes; elsewhere their features get a probe
+        return "pretrained" if data.name == "shapes" else "probe"
     return "trained" if get_spec(tc.name).demo else "probe"
 
 
@@ -64,15 +70,17 @@ def fit_teacher(cfg: Config, role: str, out: Path, device="cpu") -> dict:
     (out / "teachers").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the fresh weights (demo init, new head) must not depend on earlier RNG use
     teacher = build_teacher(cfg, role)
-    mode = head_mode(tc)
-    if tc.weights or not teacher.spec.demo:
+    mode = head_mode(tc, cfg.data)
+    if uses_embedded(tc, cfg.data):
+        load_embedded(teacher)
+    elif tc.weights or not teacher.spec.demo:
         load_backbone_weights(teacher, find_weights(teacher.spec, tc.weights))
     train = load_split(cfg.data, "train")
     teacher.to(device)
     start = time.time()
     if mode == "trained":
         _train_end_to_end(teacher, train, tc, cfg, device, desc=f"fit {role} ({tc.name})")
-    else:
+    elif mode == "probe":
         _fit_probe(teacher, train, cfg, device, desc=f"probe {role} ({tc.name})")
     clean = load_split(cfg.data, "clean")
     acc = evaluate(teacher, clean["images"], clean["labels"], device=device)

@@ -26,6 +26,7 @@ from infra.config import Config, config_from_dict
 from infra.integrity import loads_tensors
 from infra.provenance import provenance
 from teacher_cache.datasets import class_names, fingerprint, load_split
+from teacher_cache.embedded import embedded_identity
 from teacher_cache.fit import build_teacher, fit_teacher, head_mode, load_fitted
 from teacher_cache.codecs import parse_overrides, quantize, scale_shape
 from teacher_cache.store import CacheStore, Layout, StoreError
@@ -96,7 +97,7 @@ def ensure_teacher(cfg: Config, role: str, out: Path, device: str) -> dict:
     info_path = Path(out) / "teachers" / f"{role}.json"
     c = cfg.cache  # the fit also depends on the seed and on the augmentation it trains with
     key = (cfg.digest(role, "data", "seed") + f":{list(c.crop_scale)}:{list(c.crop_ratio)}:{c.flip_prob}:"
-           + head_mode(getattr(cfg, role)))
+           + head_mode(getattr(cfg, role), cfg.data) + embedded_identity(getattr(cfg, role), cfg.data))
     if info_path.is_file():  # a fit for this key is reused, also under --overwrite: only another key refits
         info = json.loads(info_path.read_text())
         if info.get("key") == key and loads_tensors(Path(out) / "teachers" / f"{role}.pt"):

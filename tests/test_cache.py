@@ -341,13 +341,13 @@ def test_teacher_fit_is_reused_only_for_the_same_fit(base_run, tmp_path):
     from teacher_cache.job import ensure_teacher
     cfg, base_out, _, _ = base_run
     shutil.copytree(base_out / "teachers", tmp_path / "teachers")
-    pt = tmp_path / "teachers" / "teacher_vit.pt"
+    pt = tmp_path / "teachers" / "teacher_cnn.pt"  # trained by the pipeline (the demo ViT ships pretrained)
     before = file_states(tmp_path / "teachers")
-    ensure_teacher(small_cfg("cache.views=2", "cache.shard_size=16"), "teacher_vit", tmp_path, "cpu")
+    ensure_teacher(small_cfg("cache.views=2", "cache.shard_size=16"), "teacher_cnn", tmp_path, "cpu")
     assert file_states(tmp_path / "teachers") == before  # the fit does not depend on K or the shards
-    ensure_teacher(small_cfg("seed=1"), "teacher_vit", tmp_path, "cpu")  # the fit's own seed
+    ensure_teacher(small_cfg("seed=1"), "teacher_cnn", tmp_path, "cpu")  # the fit's own seed
     refit = hashlib.sha256(pt.read_bytes()).hexdigest()
-    assert refit != hashlib.sha256((base_out / "teachers" / "teacher_vit.pt").read_bytes()).hexdigest()
+    assert refit != hashlib.sha256((base_out / "teachers" / "teacher_cnn.pt").read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- 5. identity

@@ -10,7 +10,7 @@ from teacher_cache.fit import fit_teacher, head_mode, load_fitted
 def test_linear_probe_learns_from_frozen_features(tmp_path):
     # a randomly initialised backbone: the probe alone must lift accuracy well above chance (10%)
     cfg = load_config(None, ["data.train_size=400", "data.test_size=200", "teacher_cnn.head=probe"])
-    assert head_mode(cfg.teacher_cnn) == "probe" and head_mode(cfg.teacher_vit) == "trained"
+    assert head_mode(cfg.teacher_cnn, cfg.data) == "probe" and head_mode(cfg.teacher_vit, cfg.data) == "pretrained"
     torch.manual_seed(0)
     info = fit_teacher(cfg, "teacher_cnn", tmp_path)
     assert info["mode"] == "probe"

@@ -1,0 +1,77 @@
+"""Teacher weights that ship with hakd, each checked against its recorded sha256 before it is loaded.
+
+`vit_demo_shape.safetensors` is `vit_demo` pretrained on shape-only data by `teacher_cache/pretrain_demo.py`
+(the demo's stand-in for a pretrained CLIP ViT: shape-biased where the pipeline's own training on
+the shortcut data makes it texture-biased). A config uses it through `teacher_*.embedded`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from infra.errors import UserError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# teacher name -> (file in WEIGHTS_DIR, sha256, image size it was trained at). Regenerate with
+# `python -m teacher_cache.pretrain_demo --out teacher_cache/weights/vit_demo_shape.safetensors`.
+EMBEDDED = {
+    "vit_demo": ("vit_demo_shape.safetensors", "3135ed52b0be974b78dca136c674b3975338200024bb8f5d4cf98d80affed639", 32),
+}
+
+
+class EmbeddedWeightsError(UserError, ValueError):
+    """The embedded weights file is missing or is not the file hakd was shipped with."""
+
+
+def uses_embedded(tc, data) -> bool:
+    """Whether TeacherConfig `tc` starts from embedded weights on DataConfig `data`: embedded=true, or
+    embedded=null when hakd ships weights for this teacher, no weights file is given, and the data is
+    what they were trained for (the generated shapes at their image size)."""
+    if tc.embedded is not None:
+        return tc.embedded
+    return (tc.name in EMBEDDED and tc.weights is None and data.name == "shapes"
+            and data.image_size == EMBEDDED[tc.name][2])
+
+
+def embedded_identity(tc, data) -> str:
+    """":<sha256>" of the embedded weights `tc` starts from, else "": part of a fit's identity, so that
+    regenerated weights are refitted rather than reused."""
+    return f":{EMBEDDED[tc.name][1]}" if uses_embedded(tc, data) else ""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_weights(name: str) -> Path:
+    """The embedded weights file of teacher `name`, after checking its sha256 against the recorded one."""
+    if name not in EMBEDDED:
+        raise EmbeddedWeightsError(f"hakd ships weights for {', '.join(EMBEDDED)} only, not {name}")
+    file, expected, _ = EMBEDDED[name]
+    path = WEIGHTS_DIR / file
+    regenerate = f"reinstall hakd, or regenerate it with `python -m teacher_cache.pretrain_demo --out {path}`"
+    if not path.is_file():
+        raise EmbeddedWeightsError(f"embedded weights {path} are missing; {regenerate}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise EmbeddedWeightsError(f"embedded weights {path} have sha256 {actual[:16]}..., not the recorded "
+                                   f"{expected[:16]}...: the file was changed; {regenerate}")
+    return path
+
+
+def load_embedded(teacher) -> None:
+    """Load the verified embedded weights into a `Teacher` (tensors only), its head too when the class count fits."""
+    from safetensors.torch import load_file
+    state = load_file(str(embedded_weights(teacher.spec.name)))
+    prefix = teacher.spec.head_prefix
+    if state[f"{prefix}weight"].shape[0] != teacher.head().out_features:  # another dataset: the head stays fresh
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    missing, unexpected = teacher.net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(prefix)]
+    if missing or unexpected:  # cannot happen for the recorded file and the registered architecture
+        raise EmbeddedWeightsError(f"embedded weights of {teacher.spec.name} do not fit its architecture "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
