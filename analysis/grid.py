@@ -54,8 +54,11 @@ def sweep_section(metrics: dict, out: Path) -> tuple[list, dict]:
     rows = [[style(s).display, p, *(fmt_stat(stat(metrics, f"{s}@{p}", k), scale, table=True) for k, _, scale in measures)]
             for s in students for p in labels]
     series = {s: {k: [stat(metrics, f"{s}@{p}", k) for p in labels] for k, _, _ in measures} for s in students}
+    (key, values), = sweep.items() if len(sweep) == 1 else ((None, None),)
+    numeric = key is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     path = plots.plot_sweep(series, labels, [(k, f"{name}{' (%)' if scale is PERCENT else ''}", scale.factor)
-                                             for k, name, scale in measures], out / "sweep.png")
+                                             for k, name, scale in measures], out / "sweep.png",
+                            swept=(key, list(values)) if numeric and len(values) == len(labels) else None)
     keys = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in sweep.items())
     return [Heading(2, "Sweep"), Para(f"Swept: {keys}. Every grid point trains every student once per seed from the "
                                       f"same caches and packed file. " + spread_note(metrics)),

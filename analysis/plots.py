@@ -222,13 +222,15 @@ def plot_gradcam_grid(grid: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_sweep(series: dict, points: list[str], measures: list[tuple[str, str, float]], path: Path) -> Path:
+def plot_sweep(series: dict, points: list[str], measures: list[tuple[str, str, float]], path: Path,
+               swept: tuple[str, list[float]] | None = None) -> Path:
     """One panel per measure: mean ± std over seeds against the grid point, one line per student.
 
     series: {student: {measure: [stats dict or None per point]}}; measures: [(key, axis label, scale)].
+    swept: (key, numeric value per point) when one numeric setting was swept: the x axis is then that value.
     """
-    fig, axes = _new_figure(3.6 * max(1, len(measures)), 3.6, ncols=max(1, len(measures)))
-    x = np.arange(len(points))
+    fig, axes = _new_figure(max(7.0, 3.6 * len(measures)), 3.8, ncols=max(1, len(measures)))  # room for the legend
+    x = np.asarray(swept[1], dtype=float) if swept else np.arange(len(points))
     for ax, (key, label, scale) in zip(axes, measures):
         for student in order_models(series):
             stats = series[student][key]
@@ -236,9 +238,12 @@ def plot_sweep(series: dict, points: list[str], measures: list[tuple[str, str, f
             std = np.array([np.nan if not s or s.get("std") is None else s["std"] for s in stats]) * scale
             ax.errorbar(x, mean, yerr=np.nan_to_num(std), marker="o", markersize=3.5, capsize=3, linewidth=1.5,
                         color=style(student).colour, label=style(student).display)
-        ax.set_xticks(x, points, rotation=30, ha="right", fontsize=8)
+        if swept:
+            ax.set_xticks(x, [f"{v:g}" for v in x], fontsize=8)
+        else:
+            ax.set_xticks(x, points, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_xlabel("grid point")
+    axes[0].set_xlabel(swept[0] if swept else "grid point")
     _legend_below(fig, axes[0])
     return _save(fig, path)
