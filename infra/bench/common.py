@@ -74,7 +74,7 @@ PROFILES = {
                    n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
                    loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
                    train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
-                   disk_probe_mb=1024),
+                   analyze_test_size=1024, disk_probe_mb=1024),  # analyze: 4 batches of 256 per measure
     # tests and `--tiny`: every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
                     loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
