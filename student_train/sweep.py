@@ -140,7 +140,7 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     """Train every unfinished trial with Ray Tune; returns {"trained": [...], "reused": [...], "final": {name: metrics}}."""
     from ray import tune
 
-    from infra.ray_cluster import ensure_ray
+    from infra.ray_cluster import ensure_ray, gpus_available
 
     out = Path(out).resolve()
     trials = plan_trials(cfg)
@@ -148,6 +148,8 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     todo = [t for t in trials if t.name not in reused]
     if todo:
         ensure_ray(cfg.ray)
+        if cfg.train.device == "auto" and gpus_available():  # the driver (a GPU-less head) may see no GPU
+            device = "cuda"
         storage = out / "train" / TUNE_DIR
         # named by the trials to run too: a restore re-runs only the trials its experiment recorded, so a
         # trial found missing or damaged later (its directory deleted) needs an experiment of its own
