@@ -12,14 +12,17 @@
 #   train   ResNet-50 step time: plain CE / resident KD / offline KD fed by FFCV / online KD with
 #           ViT-B/16 run live (KD = PCA + GL)
 #   loader  FFCV StudentLoader vs a torch DataLoader over the Zarr store, samples/s
+#   analyze images/s per analysis measure (ResNet-50, WRN-101, ViT-B/16, bf16 where the measure allows) and the
+#           projected time of the paper's CIFAR-10 analysis of five models (needs grad-cam and its imports)
 # Prints one JSON line per benchmark (stdout; progress on stderr) and writes
-# infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm is added to it at the end);
+# infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm and analyze are added to it at the end);
 # with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
 #
 # Environment variables: PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu with --tiny as the
 # first argument checks the script on a machine without a GPU), BENCH_TIMEOUT (seconds for cache, train
-# and loader, default 330), SHM_TIMEOUT (seconds for cache_shm, default 120), WHEELS (folder of wheels
-# and .deb files to install first; default .whl if present). Both limits together: 7.5 minutes.
+# and loader, default 330), SHM_TIMEOUT (seconds for cache_shm, default 60), ANALYZE_TIMEOUT
+# (seconds for analyze, default 90), WHEELS (folder of wheels and .deb files to install first; default .whl
+# if present). The three limits together: 8 minutes.
 #
 # What the machine needs. torch with CUDA, torchvision, timm, numpy, pyyaml, tqdm (all on the project's
 # GPU image), and:
@@ -46,7 +49,8 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 LIMIT=${BENCH_TIMEOUT:-330}
-SHM_LIMIT=${SHM_TIMEOUT:-120}
+SHM_LIMIT=${SHM_TIMEOUT:-60}
+ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-90}
 WHEELS=${WHEELS:-}
 if [[ -z "$WHEELS" && -d .whl ]]; then WHEELS=.whl; fi
 
@@ -118,24 +122,31 @@ timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run gpu --de
 rc=${PIPESTATUS[0]}
 echo "gpu.sh: python exited with $rc after $((SECONDS - start)) s (124 = hit BENCH_TIMEOUT=$LIMIT)" >&2
 
-# the cache bench again with its stores in RAM (/dev/shm), added to the results file as cache_shm
-shm=$(mktemp)
-timeout --signal=TERM --kill-after=10 "$SHM_LIMIT" "$PY" -m infra.bench.run cache --device "$DEVICE" "$@" \
-  store_dir=/dev/shm repeats=2 | tee "$shm"
-shm_rc=${PIPESTATUS[0]}
-set -e
-echo "gpu.sh: cache in /dev/shm exited with $shm_rc after $((SECONDS - start)) s in all" >&2
+# extra runs merged into the results file under their own key: the cache bench again with its stores in RAM
+# (/dev/shm) as cache_shm, and the analysis rates (5 models x CIFAR-10 projection) as analyze
 results=$(sed -n 's/^\[bench\] results written to //p' "$errlog" | tail -1)
-if [[ $shm_rc == 0 && -n "$results" && -f "$results" ]]; then
-  "$PY" - "$results" "$shm" <<'PYEOF'
+extra() {  # extra KEY LIMIT ARGS...: run `infra.bench.run ARGS`, add its JSON line to the results file as KEY
+  local key=$1 limit=$2; shift 2
+  local tmp; tmp=$(mktemp)
+  timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m infra.bench.run "$@" | tee "$tmp"
+  local erc=${PIPESTATUS[0]}
+  echo "gpu.sh: $key exited with $erc after $((SECONDS - start)) s in all" >&2
+  if [[ $erc == 0 && -n "$results" && -f "$results" ]]; then
+    "$PY" - "$results" "$tmp" "$key" <<'PYEOF'
 import json, sys
-path, line = sys.argv[1], json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+path, line, key = sys.argv[1], json.loads(open(sys.argv[2]).read().strip().splitlines()[-1]), sys.argv[3]
 doc = json.load(open(path))
-doc["benches"]["cache_shm"] = {**line, "bench": "cache_shm"}
+doc["benches"][key] = {**line, "bench": key}
 open(path, "w").write(json.dumps(doc, indent=2) + "\n")
-print(f"gpu.sh: cache_shm added to {path}", file=sys.stderr)
+print(f"gpu.sh: {key} added to {path}", file=sys.stderr)
 PYEOF
-  if [[ -n "${OUT:-}" ]]; then cp "$results" "$OUT/"; cat "$shm" >> "$lines"; fi
-fi
-rm -f "$errlog" "$shm"
+    if [[ -n "${OUT:-}" ]]; then cat "$tmp" >> "$lines"; fi
+  fi
+  rm -f "$tmp"
+}
+extra cache_shm "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm repeats=2
+extra analyze "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@"
+set -e
+if [[ -n "${OUT:-}" && -n "$results" && -f "$results" ]]; then cp "$results" "$OUT/"; fi
+rm -f "$errlog"
 exit "$rc"
