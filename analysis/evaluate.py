@@ -43,6 +43,7 @@ class ModelMismatch(UserError, RuntimeError):
 
 
 def model_path(out: Path, name: str) -> Path:
+    """A model's weights under OUT (the teachers' when cache.location is unset: load_model follows it)."""
     return Path(out) / ("teachers" if name in TEACHERS else "train") / (
         f"{name}.pt" if name in TEACHERS else f"{name}/model.pt")
 
@@ -80,13 +81,17 @@ def model_runs(cfg: Config) -> dict[str, tuple[str, int | None]]:
 
 
 def load_model(cfg: Config, out: Path, name: str) -> torch.nn.Module:
-    path = model_path(out, name)
-    if not path.is_file():
+    from infra import storage
+    from teacher_cache.job import teacher_file
+    path = teacher_file(out, cfg, name) if name in TEACHERS else model_path(out, name)  # teachers: cache.location
+    if not storage.exists(path):
         stage = "hakd cache" if name in TEACHERS else "hakd train"
         raise ModelMismatch(f"{path} is missing: run `{stage}` for this config first")
     model = build_model(cfg, name)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = storage.load_tensors(path)
+    except storage.StorageError:
+        raise
     except Exception as e:  # truncated, foreign or unsafe file: never unpickle more than tensors
         raise ModelMismatch(f"{path} cannot be read as a weights file ({type(e).__name__}); "
                             f"re-run the stage that wrote it") from None

@@ -85,7 +85,7 @@ def _run_stages(args, stages: list[str]) -> int:
 
 def _verify(args) -> int:
     from teacher_cache.store import CacheStore
-    paths = [Path(p) for p in args.stores] or sorted((Path(args.out) / "cache").glob("*.zarr"))
+    paths = list(args.stores) or sorted((Path(args.out) / "cache").glob("*.zarr"))  # a store may be an s3:// URL
     if not paths:
         raise ConfigError(f"no stores given and none under {Path(args.out) / 'cache'}; run `hakd cache` first")
     bad = 0

@@ -70,6 +70,8 @@ class CacheConfig:
     feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
     workers: int = 2              # Ray actors writing shards in parallel
     writers: int = 2              # units each actor encodes and writes at once (one thread each, own shards)
+    location: str | None = None   # where the stores and fitted teachers live: None = OUT/cache and OUT/teachers; a shared path or an s3://bucket/prefix URL seen by every node (credentials: AWS_* variables, endpoint: AWS_ENDPOINT_URL)
+    actor_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources each cache actor asks for, e.g. {hakd_cache_node: 1} pins the actors to nodes that offer it
 
 
 @dataclass
@@ -337,6 +339,11 @@ def validate(cfg: Config) -> None:
     need(1 <= c.clevel <= 9, "cache.clevel", "must be in 1..9")
     need(c.workers >= 1, "cache.workers", "must be >= 1")
     need(c.writers >= 1, "cache.writers", "must be >= 1")
+    need(c.location is None or (bool(c.location.strip()) and ("://" not in c.location or c.location.split("://", 1)[0]
+                                                             in ("s3", "file") and bool(c.location.split("://", 1)[1].strip("/")))),
+         "cache.location", f"{c.location!r} is not a path or an s3://bucket/prefix URL")
+    need(all(v > 0 for v in c.actor_resources.values()), "cache.actor_resources",
+         "every amount must be positive (e.g. {hakd_cache_node: 1})")
     need(c.codec in ("none", "lz4", "zstd"), "cache.codec", f"{c.codec!r} is not one of none, lz4, zstd")
     for item in c.codec_overrides:
         name, sep, codec = item.partition("=")
@@ -411,8 +418,6 @@ def _validate_sweep(sweep: dict[str, list]) -> None:
                 validate(Config(train=point))
             except ConfigError as e:
                 raise ConfigError(f"sweep.{key}: value {v!r} is impossible ({e})") from None
-
-
 
 
 def dump_config(cfg: Config) -> str:

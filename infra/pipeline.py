@@ -29,9 +29,10 @@ import shutil
 import time
 from pathlib import Path
 
+from infra import storage
 from infra.config import Config, ConfigError
 from infra.errors import Interrupted, UserError
-from infra.integrity import file_crc32c, loads_tensors
+from infra.integrity import file_crc32c
 from infra.provenance import git_commit, write_run_info
 
 STAGE_SECTIONS = {
@@ -109,10 +110,10 @@ def device_for(cfg: Config) -> str:
 
 def _cache_whole(cfg: Config, out: Path) -> bool:
     """Both teachers' files load (tensors only) and both stores are complete."""
-    from teacher_cache.job import ROLES, store_path
+    from teacher_cache.job import ROLES, store_path, teacher_file, teacher_loads
     from teacher_cache.store import CacheStore, StoreError
     for role in ROLES:
-        if not loads_tensors(Path(out) / "teachers" / f"{role}.pt"):
+        if not teacher_loads(teacher_file(out, cfg, role)):
             return False
         try:
             store = CacheStore.open(store_path(out, cfg, role))
@@ -130,13 +131,13 @@ def _store_mismatches(cfg: Config, out: Path) -> dict[str, list[str]]:
     from teacher_cache.job import ROLES, identity, plan, store_path
     from teacher_cache.store import CacheStore
     paths = {role: store_path(out, cfg, role) for role in ROLES}
-    if not any(p.exists() for p in paths.values()):
+    if not any(storage.exists(p) for p in paths.values()):
         return {}
     train = load_split(cfg.data, "train")
     data_fp, n = fingerprint(train), len(train["labels"])
     found = {}
     for role, p in paths.items():
-        if not p.exists():
+        if not storage.exists(p):
             continue
         teacher = build_teacher(cfg, role)
         want = json.loads(json.dumps(identity(cfg, role, teacher, plan(cfg, role, n, teacher), data_fp)))
@@ -168,13 +169,13 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
 
 # ---------------------------------------------------------------- train
 
-def _cache_for_training(cfg: Config, out: Path) -> dict[str, Path]:
+def _cache_for_training(cfg: Config, out: Path) -> dict[str, str]:
     """The stores `hakd train` packs from: present, complete and made for this config, else StageInputs."""
     from teacher_cache.job import ROLES, store_path
     from teacher_cache.store import CacheStore
     stores = {role: store_path(out, cfg, role) for role in ROLES}
     for role, p in stores.items():
-        if not p.exists():
+        if not storage.exists(p):
             raise StageInputs(f"no cache store at {p} for {role}: run `hakd cache` first with this config")
         left = CacheStore.open(p).pending_units()
         if left:
@@ -288,11 +289,17 @@ def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
 
 # ---------------------------------------------------------------- analyze
 
-def _model_files(out: Path) -> dict[str, str]:
-    """CRC-32C of every model file the analysis reads (teachers and trials), by path under OUT."""
+def _model_files(cfg: Config, out: Path) -> dict[str, str]:
+    """CRC-32C of every model file the analysis reads (teachers, under cache.location, and trials), by path."""
+    import google_crc32c
+    from teacher_cache.job import teacher_file
     out = Path(out)
-    files = sorted(out.glob("teachers/*.pt")) + sorted(out.glob("train/*/*/model.pt"))
-    return {str(p.relative_to(out)): file_crc32c(p) for p in files}
+    files = {str(p.relative_to(out)): file_crc32c(p) for p in sorted(out.glob("train/*/*/model.pt"))}
+    for role in ("teacher_vit", "teacher_cnn"):
+        path = teacher_file(out, cfg, role)
+        if storage.exists(path):
+            files[f"teachers/{role}.pt"] = google_crc32c.Checksum(storage.read_bytes(path)).hexdigest().decode()
+    return dict(sorted(files.items()))
 
 
 def _report_whole(cfg: Config, out: Path) -> bool:
@@ -300,7 +307,7 @@ def _report_whole(cfg: Config, out: Path) -> bool:
     report = Path(out) / "report"
     if info is None or not all((report / f).is_file() for f in REPORT_FILES) or not _json(report / "metrics.json"):
         return False
-    return info.get("models") == _model_files(out)
+    return info.get("models") == _model_files(cfg, out)
 
 
 def _models_for_analysis(cfg: Config, out: Path) -> None:
@@ -318,7 +325,7 @@ def stage_analyze(cfg: Config, out: Path, overwrite: bool = False, log=print, se
     _models_for_analysis(cfg, out)
     from analysis.evaluate import run_analysis
     from analysis.report import write_report
-    models = _model_files(out)
+    models = _model_files(cfg, out)
     try:
         res = run_analysis(cfg, out, log=log)  # checks every model before launching anything; writes nothing
     except KeyboardInterrupt:
@@ -329,9 +336,9 @@ def stage_analyze(cfg: Config, out: Path, overwrite: bool = False, log=print, se
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if seconds:
         metrics["meta"]["seconds"].update(seconds)
-    teachers_dir = out / "teachers"
-    metrics["teacher_fit"] = {r: json.loads((teachers_dir / f"{r}.json").read_text())
-                              for r in ("teacher_vit", "teacher_cnn") if (teachers_dir / f"{r}.json").is_file()}
+    from teacher_cache.job import teacher_file
+    fits = {r: teacher_file(out, cfg, r, ".json") for r in ("teacher_vit", "teacher_cnn")}  # under cache.location
+    metrics["teacher_fit"] = {r: json.loads(storage.read_bytes(p)) for r, p in fits.items() if storage.exists(p)}
     paths = write_report(metrics, out / "report", res["gradcam_grid"])
     _mark_done(cfg, out, "analyze", models=models)
     return {"status": "ran", "report": str(paths["markdown"])}

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.integrity import file_crc32c
+from infra.storage import is_url
 from teacher_cache.store import CacheStore, StoreError
 
 FFCV_NAME, META_NAME = "data.beton", "data.json"
@@ -91,13 +92,16 @@ def _whole_pack(out_dir: Path, digest: str) -> dict | None:
     return meta if meta.get("beton_crc32c") == file_crc32c(beton) else None
 
 
-def packed_file(stores: dict[str, Path], out_dir: Path) -> dict | None:
+def packed_file(stores: dict[str, str | Path], out_dir: Path) -> dict | None:
     """The meta of out_dir's packed file if it is whole and was packed from `stores` as they are now, else None."""
     return _whole_pack(out_dir, _source_digest({role: CacheStore.open(p) for role, p in stores.items()}))
 
 
-def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) -> tuple[Path, dict]:
-    """Write (or reuse) `out_dir/data.beton` from the role -> store mapping; returns (path, meta)."""
+def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=print) -> tuple[Path, dict]:
+    """Write (or reuse) `out_dir/data.beton` from the role -> store mapping; returns (path, meta).
+
+    The stores may be remote (cache.location: a URL or a shared path); `out_dir` is local scratch, since
+    FFCV maps its file: each node that trains packs its own copy."""
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
 
@@ -154,7 +158,7 @@ def pack(stores: dict[str, Path], out_dir: Path, workers: int = 2, log=print) ->
     meta = {"source_digest": digest, "beton_bytes": beton.stat().st_size, "beton_crc32c": file_crc32c(beton),
             "rows": len(rows), "images": first.n, "views": first.views,
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
-            "stores": {r: str(Path(p).resolve()) for r, p in stores.items()},
+            "stores": {r: p if is_url(p) else str(Path(p).resolve()) for r, p in stores.items()},
             "identities": {r: o.attrs["identity"] for r, o in opened.items()}}
     meta_path.write_text(json.dumps(meta, indent=2))
     return beton, meta

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from infra import storage
 from infra.config import Config, DataConfig, TeacherConfig
 from teacher_cache.datasets import class_names, load_split
 from teacher_cache.embedded import load_embedded, uses_embedded
@@ -43,12 +44,13 @@ def build_teacher(cfg: Config, role: str) -> Teacher:
     return Teacher(get_spec(tc.name), len(class_names(cfg.data)), cfg.data.image_size)
 
 
-def load_fitted(cfg: Config, role: str, out: Path, device="cpu") -> Teacher:
-    path = Path(out) / "teachers" / f"{role}.pt"
-    if not path.is_file():
+def load_fitted(cfg: Config, role: str, out: Path | str, device="cpu") -> Teacher:
+    """The fitted teacher saved under `out` (OUT or cache.location: a path or a URL)."""
+    path = storage.join(out, "teachers", f"{role}.pt")
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} is missing: run `hakd cache` first (it fits the teachers)")
     teacher = build_teacher(cfg, role)
-    teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    teacher.load_state_dict(storage.load_tensors(path))
     return teacher.to(device).eval()
 
 
@@ -63,11 +65,9 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     return correct / max(1, len(images))
 
 
-def fit_teacher(cfg: Config, role: str, out: Path, device="cpu") -> dict:
-    """Fit (or load) the teacher of `role` and save it; returns {"accuracy": ..., "mode": ...}."""
+def fit_teacher(cfg: Config, role: str, out: Path | str, device="cpu") -> dict:
+    """Fit (or load) the teacher of `role` and save it under `out` (a path or a URL); returns {"accuracy": ..., "mode": ...}."""
     tc: TeacherConfig = getattr(cfg, role)
-    out = Path(out)
-    (out / "teachers").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the fresh weights (demo init, new head) must not depend on earlier RNG use
     teacher = build_teacher(cfg, role)
     mode = head_mode(tc, cfg.data)
@@ -85,9 +85,9 @@ def fit_teacher(cfg: Config, role: str, out: Path, device="cpu") -> dict:
     clean = load_split(cfg.data, "clean")
     acc = evaluate(teacher, clean["images"], clean["labels"], device=device)
     teacher.cpu()
-    torch.save(teacher.state_dict(), out / "teachers" / f"{role}.pt")
+    storage.save_tensors(teacher.state_dict(), storage.join(out, "teachers", f"{role}.pt"))
     info = {"teacher": tc.name, "mode": mode, "clean_accuracy": acc, "seconds": round(time.time() - start, 1)}
-    (out / "teachers" / f"{role}.json").write_text(json.dumps(info, indent=2))
+    storage.write_bytes(storage.join(out, "teachers", f"{role}.json"), json.dumps(info, indent=2).encode())
     return info
 
 

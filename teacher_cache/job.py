@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from infra import storage
 from infra.config import Config, config_from_dict
-from infra.integrity import loads_tensors
 from infra.provenance import provenance
 from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.embedded import embedded_identity
@@ -36,8 +37,29 @@ ROLES = ("teacher_vit", "teacher_cnn")
 FLOAT16_MAX = 65504.0
 
 
-def store_path(out: Path, cfg: Config, role: str) -> Path:
-    return Path(out) / "cache" / f"{getattr(cfg, role).name}.zarr"
+def storage_root(out: Path | str, cfg: Config) -> str:
+    """Where stores and fitted teachers live: cache.location (a shared path or a URL), else OUT."""
+    return storage.root(cfg.cache.location, out)
+
+
+def store_path(out: Path | str, cfg: Config, role: str) -> str:
+    return storage.join(storage_root(out, cfg), "cache", f"{getattr(cfg, role).name}.zarr")
+
+
+def teacher_file(out: Path | str, cfg: Config, role: str, suffix: str = ".pt") -> str:
+    """The fitted teacher's weights (.pt) or its fit record (.json)."""
+    return storage.join(storage_root(out, cfg), "teachers", f"{role}{suffix}")
+
+
+def teacher_loads(path: str) -> bool:
+    """True when the teacher file at `path` loads with weights_only=True (never unpickles anything else)."""
+    try:
+        storage.load_tensors(path)
+    except storage.StorageError:
+        raise  # an unreachable location is not a damaged teacher
+    except Exception:  # missing, truncated, foreign or unsafe: not a whole output
+        return False
+    return True
 
 
 def cached_layers(cfg: Config, role: str, teacher=None) -> list[str]:
@@ -94,17 +116,17 @@ def identity(cfg: Config, role: str, teacher, layout: Layout, data_fp: str) -> d
 
 def ensure_teacher(cfg: Config, role: str, out: Path, device: str) -> dict:
     """Fit the teacher unless a fit for the same teacher and data config is already saved."""
-    info_path = Path(out) / "teachers" / f"{role}.json"
+    info_path = teacher_file(out, cfg, role, ".json")
     c = cfg.cache  # the fit also depends on the seed and on the augmentation it trains with
     key = (cfg.digest(role, "data", "seed") + f":{list(c.crop_scale)}:{list(c.crop_ratio)}:{c.flip_prob}:"
            + head_mode(getattr(cfg, role), cfg.data) + embedded_identity(getattr(cfg, role), cfg.data))
-    if info_path.is_file():  # a fit for this key is reused, also under --overwrite: only another key refits
-        info = json.loads(info_path.read_text())
-        if info.get("key") == key and loads_tensors(Path(out) / "teachers" / f"{role}.pt"):
+    if storage.exists(info_path):  # a fit for this key is reused, also under --overwrite: only another key refits
+        info = json.loads(storage.read_bytes(info_path))
+        if info.get("key") == key and teacher_loads(teacher_file(out, cfg, role)):
             return info
-    info = fit_teacher(cfg, role, out, device=device)
+    info = fit_teacher(cfg, role, storage_root(out, cfg), device=device)
     info["key"] = key
-    info_path.write_text(json.dumps(info, indent=2))
+    storage.write_bytes(info_path, json.dumps(info, indent=2).encode())
     return info
 
 
@@ -139,8 +161,11 @@ class CacheWorker:
                  threads: int):
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg_dict)
+        self.node = storage.node_name()
+        # before anything else: can this node write, read and delete under the location? (names the node if not)
+        storage.probe(storage_root(out, self.cfg), self.node)
         self.device = device
-        self.teacher = load_fitted(self.cfg, role, Path(out), device)
+        self.teacher = load_fitted(self.cfg, role, storage_root(out, self.cfg), device)
         if device == "cuda":
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.layers = cached_layers(self.cfg, role, self.teacher)
@@ -248,6 +273,9 @@ class CacheWorker:
         self.pending.append((u, self.writer.submit(self._write, u, arrays, slot)))
         return self._finished()
 
+    def where(self) -> str:
+        return self.node
+
     def drain(self) -> list[int]:
         return self._finished(wait=True)
 
@@ -280,6 +308,7 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
 
     out = Path(out)
     ensure_ray(cfg.ray)
+    storage.probe(storage_root(out, cfg), f"{storage.node_name()} (the driver)")  # it fits and saves the teachers
     gpus = gpus_available()
     device = "cuda" if gpus else "cpu"
     train = load_split(cfg.data, "train")
@@ -291,12 +320,12 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
     for role in ROLES:
         start = time.time()
         path = store_path(out, cfg, role)
-        if path.exists() and not overwrite:  # refuse a store for another config before (re)fitting its teacher
+        if storage.exists(path) and not overwrite:  # refuse a store for another config before (re)fitting its teacher
             fresh = build_teacher(cfg, role)
             CacheStore.check_identity(path, identity(cfg, role, fresh, plan(cfg, role, len(train["labels"]), fresh),
                                                      data_fp), ignore=("weights_sha256",))
         info = ensure_teacher(cfg, role, out, device if torch.cuda.is_available() else "cpu")
-        teacher = load_fitted(cfg, role, out)
+        teacher = load_fitted(cfg, role, storage_root(out, cfg))
         layout = plan(cfg, role, len(train["labels"]), teacher)
         vit = teacher.spec.kind == "vit"
         ident = identity(cfg, role, teacher, layout, data_fp)
@@ -307,8 +336,9 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
             store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
         store.mark_pending(store.bad_units())  # repair: damaged shards are rewritten
         todo = store.pending_units()
+        nodes = []
         if todo:
-            _run_units(cfg, role, out, path, todo, refs, gpus, desc=f"cache {role} ({teacher.spec.name})")
+            nodes = _run_units(cfg, role, out, path, todo, refs, gpus, desc=f"cache {role} ({teacher.spec.name})")
         # each unit was checksummed as written and marked done only once durable: nothing is read back
         left = store.pending_units()
         if left:
@@ -316,18 +346,28 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
         store.update_attrs(teacher_accuracy={"clean": info["clean_accuracy"], "head": info["mode"]},
                            complete=True)
         summary[role] = {"store": str(path), "units_written": len(todo), "units": layout.units,
-                         "teacher_clean_accuracy": info["clean_accuracy"], "seconds": round(time.time() - start, 1)}
+                         "teacher_clean_accuracy": info["clean_accuracy"], "seconds": round(time.time() - start, 1),
+                         "nodes": nodes}
     return summary
 
 
-def _run_units(cfg: Config, role: str, out: Path, path: Path, todo: list[int], refs, gpus: int, desc: str) -> None:
+def _run_units(cfg: Config, role: str, out: Path, path: str, todo: list[int], refs, gpus: int,
+               desc: str) -> list[str]:
+    """Write the units `todo` from Ray actors; returns the nodes the actors ran on."""
     import ray
     n_workers = max(1, min(cfg.cache.workers, len(todo), gpus or cfg.cache.workers))
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(1, int(cpus // n_workers))
-    actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(CacheWorker)
-    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads)
+    actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                           resources=dict(cfg.cache.actor_resources) or None)(CacheWorker)
+    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), path, *refs, "cuda" if gpus else "cpu", threads)
               for _ in range(n_workers)]
+    try:
+        nodes = sorted(set(ray.get([a.where.remote() for a in actors])))
+    except ray.exceptions.RayActorError as e:
+        for a in actors:
+            ray.kill(a)
+        raise _startup_error(e) from None
     waiting = list(todo)
     inflight = {}
     bar = tqdm(total=len(todo), desc=desc, unit="shard")
@@ -347,3 +387,14 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path, todo: list[int], r
         bar.close()
         for a in actors:
             ray.kill(a)
+    return nodes
+
+
+def _startup_error(e: Exception) -> Exception:
+    """The user's one-line error out of an actor that died starting (Ray keeps only its text): a location
+    the actor's node cannot use, or a store or teacher it cannot open; anything else as it came."""
+    for line in reversed(str(e).splitlines()):
+        m = re.match(r"\S*(StorageError|StoreError|FileNotFoundError): (.+)", line.strip())
+        if m:
+            return (storage.StorageError if m[1] == "StorageError" else StoreError)(m[2])
+    return e

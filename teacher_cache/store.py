@@ -37,8 +37,9 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
+from infra import storage
 from infra.errors import UserError
 from teacher_cache.codecs import codec_for, scale_shape, zarr_compressors
 
@@ -116,8 +117,9 @@ def shard_key(name: str, ndim: int, u: int) -> str:
 class CacheStore:
     """Create, open, write and verify one teacher's cache group."""
 
-    def __init__(self, path: Path, group: zarr.Group, layout: Layout, zstore: _ChecksummingStore):
-        self.path, self.group, self.layout, self._zstore = Path(path), group, layout, zstore
+    def __init__(self, path: str | Path, group: zarr.Group, layout: Layout, zstore: _ChecksummingStore):
+        # a local or shared path, or an object-store URL (infra/storage.py)
+        self.path, self.group, self.layout, self._zstore = str(path), group, layout, zstore
         self.names = list(layout.arrays())
         # seconds spent writing, by stage, summed over threads: assign (zarr encodes, checksums and writes),
         # checksum and store_write (inside assign), fsync
@@ -127,9 +129,10 @@ class CacheStore:
 
     # ------------------------------------------------------------------ opening
     @staticmethod
-    def _open_zarr(path: Path, mode: str) -> tuple[zarr.Group, _ChecksummingStore]:
-        zstore = _ChecksummingStore(LocalStore(str(path)), defaultdict(float))
-        return zarr.open_group(store=zstore, mode=mode, zarr_format=3), zstore
+    def _open_zarr(path: str, mode: str) -> tuple[zarr.Group, _ChecksummingStore]:
+        zstore = _ChecksummingStore(storage.zarr_store(path), defaultdict(float))
+        with storage.reported(f"cannot open cache store {path}"):
+            return zarr.open_group(store=zstore, mode=mode, zarr_format=3), zstore
 
     @classmethod
     def create_or_open(cls, path: str | Path, layout: Layout, identity: dict, provenance: dict,
@@ -141,8 +144,8 @@ class CacheStore:
         otherwise; `params` names the parameter groups the store must hold to be complete.
         A store for another identity is refused (never mixed) unless `overwrite`.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
+        path = str(path)
+        if storage.exists(path) and not overwrite:
             return cls.check_identity(path, identity)
         group, zstore = cls._open_zarr(path, "w")
         for name, (shape, dtype) in layout.arrays().items():
@@ -172,12 +175,14 @@ class CacheStore:
 
     @classmethod
     def open(cls, path: str | Path) -> "CacheStore":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = str(path)
+        if not storage.exists(storage.join(path, "zarr.json")):
             raise StoreError(f"{path} is not a hakd cache store (no zarr.json); run `hakd cache` to write one")
         try:
             group, zstore = cls._open_zarr(path, "r+")
             attrs = dict(group.attrs)
+        except storage.StorageError:  # an unreachable location, not a damaged store
+            raise
         except Exception as e:  # unreadable metadata: say so instead of a zarr traceback
             raise StoreError(f"cannot read cache store {path}: {e}; delete it and re-run `hakd cache`") from None
         if attrs.get("format") != FORMAT:
@@ -253,9 +258,12 @@ class CacheStore:
             sync(self._zstore.delete(shard_key(name, len(self.layout.arrays()[name][0]), u)))
 
     def _fsync(self, keys: list[str]) -> None:
-        """fsync the files of the given keys (only those: the cost stays per unit)."""
+        """fsync the files of the given keys (only those: the cost stays per unit). An object store's PUT
+        is durable once it returns: nothing to do there."""
+        if storage.is_url(self.path):
+            return
         for key in keys:
-            f = self.path / key
+            f = Path(self.path, key)
             if f.is_file():
                 fd = os.open(f, os.O_RDONLY)
                 try:
