@@ -169,7 +169,7 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
 
 # ---------------------------------------------------------------- train
 
-def _cache_for_training(cfg: Config, out: Path) -> dict[str, str]:
+def _cache_for_training(cfg: Config, out: Path) -> dict[str, Path | str]:
     """The stores `hakd train` packs from: present, complete and made for this config, else StageInputs."""
     from teacher_cache.job import ROLES, store_path
     from teacher_cache.store import CacheStore

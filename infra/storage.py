@@ -32,9 +32,9 @@ def root(location: str | None, out) -> str:
     return location.rstrip("/") if location else str(out)
 
 
-def join(base, *parts: str) -> str:
-    """`base` / parts, keeping a URL's scheme (pathlib would fold `s3://` into `s3:/`)."""
-    return "/".join([str(base).rstrip("/"), *parts]) if is_url(base) else str(Path(base, *parts))
+def join(base, *parts: str) -> Path | str:
+    """`base` / parts: a Path for a local path, a str for a URL (pathlib would fold `s3://` into `s3:/`)."""
+    return "/".join([str(base).rstrip("/"), *parts]) if is_url(base) else Path(base, *parts)
 
 
 def _fs(path: str):
@@ -76,7 +76,7 @@ def reported(what: str, missing: bool = False):
         raise StorageError(f"{what}: {explain(e)}") from None
 
 
-def exists(path: str) -> bool:
+def exists(path: Path | str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
     with reported(f"cannot reach {path}"):
@@ -84,7 +84,7 @@ def exists(path: str) -> bool:
         return fs.exists(p)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: Path | str) -> bytes:
     if not is_url(path):
         return Path(path).read_bytes()
     with reported(f"cannot read {path}", missing=True):
@@ -92,7 +92,7 @@ def read_bytes(path: str) -> bytes:
         return fs.cat_file(p)
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: Path | str, data: bytes) -> None:
     """Write a whole file: locally to a temporary name, fsynced, then renamed (never half-written under
     its name); to an object store as one PUT, which is atomic and durable once it returns."""
     if is_url(path):
@@ -110,7 +110,7 @@ def write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def delete(path: str) -> None:
+def delete(path: Path | str) -> None:
     if not is_url(path):
         Path(path).unlink(missing_ok=True)
         return
@@ -120,26 +120,26 @@ def delete(path: str) -> None:
             fs.rm(p, recursive=True)
 
 
-def load_tensors(path: str) -> dict:
+def load_tensors(path: Path | str) -> dict:
     """A torch state dict from a local path or URL, unpickling nothing but tensors."""
     import torch
     return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
 
 
-def save_tensors(state: dict, path: str) -> None:
+def save_tensors(state: dict, path: Path | str) -> None:
     import torch
     buf = io.BytesIO()
     torch.save(state, buf)
     write_bytes(path, buf.getvalue())
 
 
-def zarr_store(path: str):
+def zarr_store(path: Path | str):
     """zarr's own store for `path`: LocalStore for a path, FsspecStore for a URL."""
     from zarr.storage import FsspecStore, LocalStore
     if not is_url(path):
-        return LocalStore(path)
+        return LocalStore(str(path))
     with reported(f"cannot open {path}"):
-        return FsspecStore.from_url(path, read_only=False)
+        return FsspecStore.from_url(str(path), read_only=False)
 
 
 def node_name() -> str:

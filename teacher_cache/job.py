@@ -42,16 +42,17 @@ def storage_root(out: Path | str, cfg: Config) -> str:
     return storage.root(cfg.cache.location, out)
 
 
-def store_path(out: Path | str, cfg: Config, role: str) -> str:
+def store_path(out: Path | str, cfg: Config, role: str) -> Path | str:
+    """A teacher's store: a Path under a local location, a URL under an object store."""
     return storage.join(storage_root(out, cfg), "cache", f"{getattr(cfg, role).name}.zarr")
 
 
-def teacher_file(out: Path | str, cfg: Config, role: str, suffix: str = ".pt") -> str:
+def teacher_file(out: Path | str, cfg: Config, role: str, suffix: str = ".pt") -> Path | str:
     """The fitted teacher's weights (.pt) or its fit record (.json)."""
     return storage.join(storage_root(out, cfg), "teachers", f"{role}{suffix}")
 
 
-def teacher_loads(path: str) -> bool:
+def teacher_loads(path: Path | str) -> bool:
     """True when the teacher file at `path` loads with weights_only=True (never unpickles anything else)."""
     try:
         storage.load_tensors(path)
@@ -351,7 +352,7 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
     return summary
 
 
-def _run_units(cfg: Config, role: str, out: Path, path: str, todo: list[int], refs, gpus: int,
+def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[int], refs, gpus: int,
                desc: str) -> list[str]:
     """Write the units `todo` from Ray actors; returns the nodes the actors ran on."""
     import ray
@@ -360,7 +361,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: str, todo: list[int], re
     threads = max(1, int(cpus // n_workers))
     actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                            resources=dict(cfg.cache.actor_resources) or None)(CacheWorker)
-    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), path, *refs, "cuda" if gpus else "cpu", threads)
+    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads)
               for _ in range(n_workers)]
     try:
         nodes = sorted(set(ray.get([a.where.remote() for a in actors])))
