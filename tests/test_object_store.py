@@ -60,3 +60,15 @@ def test_actor_node_that_cannot_reach_the_location_is_named(s3_env, tmp_path, mo
     cfg = load_config(None, [*TINY, f"cache.location={location}"])
     assert storage.load_tensors(teacher_file(tmp_path / "out", cfg, "teacher_vit"))
     assert json.loads(storage.read_bytes(teacher_file(tmp_path / "out", cfg, "teacher_vit", ".json")))["key"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("cache.location=gs://bucket/x", "cache.location"),
+    ("cache.location=s3://", "cache.location"),
+    ("cache.actor_resources={hakd_cache_node: 0}", "cache.actor_resources"),
+])
+def test_bad_location_or_resources_exit_2_naming_the_key(override, needle, tmp_path, capsys):
+    from infra.cli import main
+    assert main(["cache", "--out", str(tmp_path / "out"), *TINY, override]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
