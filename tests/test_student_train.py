@@ -383,7 +383,8 @@ def test_student_trains(kind, trained, cache):
     assert any("epoch 2/2" in l for l in lines)
 
     ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ck["epoch"] == 1 and set(ck) >= {"model", "optimizer", "schedule", "rng", "digest"}
+    # no RNG state: every epoch's draws restart from (seed, rank, epoch), so the epoch number resumes them
+    assert ck["epoch"] == 1 and set(ck) >= {"model", "optimizer", "schedule", "digest"}
     state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
     student = Student(cfg.train.arch, 10, cfg.data.image_size)
     student.load_state_dict(state)  # strict

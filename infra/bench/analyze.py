@@ -180,7 +180,7 @@ def images_per_task(cfg, measure: str, n: int) -> int:
 
 def measure_rates(p: Profile, workdir: Path | None = None) -> dict:
     """Images/s per (architecture, measure), and the projected time of the paper config's CIFAR-10 analysis."""
-    from analysis.evaluate import load_model, plan_tasks, precision_for, run_measure
+    from analysis.evaluate import load_model, model_runs, plan_tasks, precision_for, run_measure
     from infra.config import config_from_dict
     device = torch.device(p.device)
     cfg = rate_config(p)
@@ -210,18 +210,22 @@ def measure_rates(p: Profile, workdir: Path | None = None) -> dict:
 
     paper = yaml.safe_load(PROJECTION_CONFIG.read_text())
     paper["analysis"]["models"] = list(PROJECTION_MODELS)
-    paper_cfg = config_from_dict({"data": {**paper["data"], "name": "shapes"}, "analysis": paper["analysis"]})
+    # one seed per student: the projection is for the paper's five models, each further seed adds a student's share
+    paper_cfg = config_from_dict({"data": {**paper["data"], "name": "shapes"}, "analysis": paper["analysis"],
+                                  "train": {"seeds": [0]}})
+    runs = model_runs(paper_cfg)
     variants = ("clean", "occluded")  # CIFAR-10's test variants (teacher_cache.datasets.test_variants)
     projected: dict[str, float] = {}
-    for name, measure, variant in plan_tasks(paper_cfg):
+    for run, measure, variant in plan_tasks(paper_cfg):
         if variant not in variants or measure == "shape_bias":
             continue
+        name = runs[run][0]
         a = arch.get(name, p.student)
         projected[name] = projected.get(name, 0.0) + images_per_task(paper_cfg, measure, PROJECTION_TEST_IMAGES) / rates[a][measure]
     return {"rates_img_s": rates, "projected_s": {k: sig(v) for k, v in projected.items()},
             "projected_total_s": sig(sum(projected.values())),
             "params": {"projection": {"config": str(PROJECTION_CONFIG.relative_to(PROJECTION_CONFIG.parents[2])),
                                       "test_images": PROJECTION_TEST_IMAGES, "variants": list(variants),
-                                      "models": list(PROJECTION_MODELS)},
+                                      "models": list(PROJECTION_MODELS), "seeds": 1},
                        "rates": {"test_images": n, "image_size": p.image_size, "bf16": precision_for(
                            cfg, "accuracy", device) is not contextlib.nullcontext, "architectures": arch}}}
