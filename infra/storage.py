@@ -154,8 +154,16 @@ def node_name() -> str:
     return host
 
 
-def probe(location: str, node: str | None = None) -> None:
-    """Write, read back and delete a small object under `location`; a StorageError names the node that failed."""
+def leave_mark(location: str) -> tuple[str, str]:
+    """Write a small object under `location` that every node must then see: (its key, its content)."""
+    key, payload = str(join(location, f".hakd-mark-{uuid.uuid4().hex}")), uuid.uuid4().hex
+    write_bytes(key, payload.encode())
+    return key, payload
+
+
+def probe(location: str, node: str | None = None, mark: tuple[str, str] | None = None) -> None:
+    """Write, read back and delete a small object under `location`, and read the driver's `mark` there (a path
+    that is only local to each node passes the first check, not the second); a StorageError names the node."""
     node = node or node_name()
     key = join(location, f".hakd-probe-{uuid.uuid4().hex}")
     payload = uuid.uuid4().bytes
@@ -164,6 +172,9 @@ def probe(location: str, node: str | None = None) -> None:
         if read_bytes(key) != payload:
             raise StorageError("what was read back differs from what was written")
         delete(key)
+        if mark is not None and (not exists(mark[0]) or read_bytes(mark[0]).decode() != mark[1]):
+            raise StorageError(f"it does not see {mark[0]}, which the driver wrote: the location is not shared; "
+                               f"mount the same filesystem there on every node, or use an s3:// URL")
     except StorageError as e:
         raise StorageError(f"node {node} cannot use the storage location {location}: {_reason(e)}") from None
     except OSError as e:  # a local or mounted path
@@ -173,4 +184,4 @@ def probe(location: str, node: str | None = None) -> None:
 
 def _reason(e: StorageError) -> str:
     text = str(e)
-    return text.split(": ", 1)[1] if ": " in text else text
+    return text.split(": ", 1)[1] if ": " in text and text.startswith("cannot ") else text

@@ -159,12 +159,12 @@ class CacheWorker:
     """
 
     def __init__(self, cfg_dict: dict, role: str, out: str, path: str, images, labels, views, device: str,
-                 threads: int):
+                 threads: int, mark: tuple[str, str] | None = None):
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg_dict)
         self.node = storage.node_name()
         # before anything else: can this node write, read and delete under the location? (names the node if not)
-        storage.probe(storage_root(out, self.cfg), self.node)
+        storage.probe(storage_root(out, self.cfg), self.node, mark)  # mark: the driver's, proves it is shared
         self.device = device
         self.teacher = load_fitted(self.cfg, role, storage_root(out, self.cfg), device)
         if device == "cuda":
@@ -361,14 +361,17 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
     threads = max(1, int(cpus // n_workers))
     actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                            resources=dict(cfg.cache.actor_resources) or None)(CacheWorker)
-    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads)
-              for _ in range(n_workers)]
+    mark = storage.leave_mark(storage_root(out, cfg))
+    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads,
+                               mark) for _ in range(n_workers)]
     try:
         nodes = sorted(set(ray.get([a.where.remote() for a in actors])))
     except ray.exceptions.RayActorError as e:
         for a in actors:
             ray.kill(a)
         raise _startup_error(e) from None
+    finally:
+        storage.delete(mark[0])
     waiting = list(todo)
     inflight = {}
     bar = tqdm(total=len(todo), desc=desc, unit="shard")

@@ -5,6 +5,7 @@ bucket, `hakd verify` and the packing of `hakd train` from it) is tests/test_ray
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,15 @@ def test_bad_location_or_resources_exit_2_naming_the_key(override, needle, tmp_p
     assert main(["cache", "--out", str(tmp_path / "out"), *TINY, override]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_path_that_is_not_shared_is_named(tmp_path):
+    """A node whose copy of the location is its own disk writes and reads fine, but does not see the driver's mark."""
+    from infra import storage
+    driver, node = tmp_path / "driver_disk", tmp_path / "node_disk"
+    key, payload = storage.leave_mark(str(driver))
+    storage.probe(str(driver), "driver-host", (key, payload))  # the driver's own view passes
+    seen_from_node = (str(node / Path(key).name), payload)  # the same path, resolved on the other node's disk
+    with pytest.raises(storage.StorageError, match="node other-host .* not shared"):
+        storage.probe(str(node), "other-host", seen_from_node)
+    assert not list(node.iterdir())  # its probe object was removed
