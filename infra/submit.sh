@@ -5,9 +5,10 @@
 #   infra/submit.sh infra/configs/paper_cifar10.yaml /mnt/hakd/runs/cifar10 data.root=/mnt/hakd/data
 #
 # CONFIG  a YAML config on this machine; it is copied to the head node.
-# OUT     where every node reads and writes the run: an absolute path on the shared mount
-#         (/mnt/hakd/... in infra/cluster.yaml) or an object-store URL (s3://bucket/prefix), which
-#         needs hakd's object-store support. A relative path would land on one node's own disk.
+# OUT     the run's directory: an absolute path on the shared mount (/mnt/hakd/... in infra/cluster.yaml).
+#         A relative path would land on one node's own disk. To keep the stores and fitted teachers in
+#         an object store instead, add the override cache.location=s3://bucket/prefix (OUT stays a path:
+#         each training node packs its own FFCV copy under it).
 # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL
 #         are passed to the job when set here (for s3://; an instance profile on the nodes needs none).
 # CLUSTER_YAML  the cluster config (default infra/cluster.yaml).
@@ -26,9 +27,9 @@ fail() { echo "submit.sh: error: $*" >&2; exit 2; }
 [[ -f $config ]] || fail "config $config does not exist; give a YAML file (examples in infra/configs/)"
 [[ -f $cluster ]] || fail "cluster config $cluster does not exist; set CLUSTER_YAML"
 case $out in
-  s3://?*) ;;
   /*) ;;
-  *) fail "OUT $out must be an absolute path on the shared mount (e.g. /mnt/hakd/runs/NAME) or s3://bucket/prefix" ;;
+  *://*) fail "OUT $out must be a path; put an object store in the override cache.location=$out instead" ;;
+  *) fail "OUT $out must be an absolute path on the shared mount (e.g. /mnt/hakd/runs/NAME)" ;;
 esac
 for arg in "$@"; do
   [[ $arg == *=* ]] || fail "extra argument $arg is not a key.sub=value override"

@@ -42,7 +42,7 @@ def test_submit_script_is_valid_bash_and_refuses_bad_input(tmp_path):
     script = ROOT / "infra" / "submit.sh"
     subprocess.run([bash, "-n", str(script)], check=True)
     demo = str(ROOT / "infra" / "configs" / "demo.yaml")
-    cases = {("runs/x",): "absolute path on the shared mount", ("s3://",): "absolute path",
+    cases = {("runs/x",): "absolute path on the shared mount", ("s3://bucket/run",): "cache.location=s3://bucket/run",
              ("/mnt/hakd/x", "not-an-override"): "not a key.sub=value override"}
     for args, message in cases.items():
         r = subprocess.run([bash, str(script), demo, *args], cwd=ROOT, capture_output=True, text=True,
