@@ -36,7 +36,7 @@ class DataConfig:
     root: str = "data"            # where real datasets live (torchvision layout) or the ImageFolder root
     download: bool = False        # let torchvision download real datasets when the network allows
     image_size: int = 32          # stored side length in pixels (images are kept as uint8 at this size)
-    train_size: int = 3000        # shapes only: training images
+    train_size: int = 2500        # shapes only: training images
     test_size: int = 500          # shapes: test images per variant; real data: cap on test images (0 = all)
     texture_correlation: float = 0.85  # shapes only: P(texture matches class) in train and clean test
     occlusion_fraction: float = 0.4    # fraction of the patch grid covered in the occluded variant
@@ -78,7 +78,7 @@ class CacheConfig:
 class TrainConfig:
     students: list[str] = field(default_factory=lambda: ["student_kd_vit", "student_kd_cnn", "student_independent"])
     arch: str = "resnet_demo"     # student architecture (student_train.students.STUDENTS): resnet_demo | resnet50
-    epochs: int = 5               # per trial; 3 seeds x 3 students fit the 10-minute demo
+    epochs: int = 4               # per trial; 3 seeds x 3 students fit the 10-minute demo
     batch_size: int = 128
     lr: float = 0.05              # SGD with Nesterov momentum, one-cycle schedule
     weight_decay: float = 5e-4
@@ -132,7 +132,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher_vit: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="vit_demo"))
-    teacher_cnn: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="wrn_demo"))
+    teacher_cnn: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="wrn_demo", fit_epochs=8))
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
