@@ -15,7 +15,7 @@ from analysis.stats import difference, scalar_measures, summarize
 
 KD, CONTROL, INDEPENDENT, LOGIT_KD = "student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd"
 COMPARED = [CONTROL, INDEPENDENT, LOGIT_KD]  # what the KD student is compared with
-# a teacher whose clean accuracy is less than this share of the way from chance to 100% is "near chance"
+# a teacher whose clean accuracy is less than this share of the way from chance to 100% gets a warning: it has learned little
 NEAR_CHANCE_SHARE = 1 / 3
 
 
@@ -96,9 +96,9 @@ def warnings(metrics: dict) -> list[str]:
             continue
         name = style(teacher).display
         if floor is not None and _mean(t) < floor + NEAR_CHANCE_SHARE * (1 - floor):
-            out.append(f"Warning: the {name}'s clean accuracy ({fmt(_mean(t), PERCENT)}) is near chance "
-                       f"({fmt(floor, PERCENT)}): it has learned little of this task, so its students say little "
-                       f"about the paper's claim.")
+            out.append(f"Warning: the {name}'s clean accuracy ({fmt(_mean(t), PERCENT)}) is less than a third of "
+                       f"the way from chance ({fmt(floor, PERCENT)}) to 100%: it has learned little of this task, so "
+                       f"its students say little about the paper's claim.")
         if independent is not None and math.isfinite(_mean(independent)) and _mean(t) <= _mean(independent):
             out.append(f"Warning: the {name} ({fmt(_mean(t), PERCENT)} clean) is not better than the independent "
                        f"student ({fmt_stat(independent, PERCENT)}): distilling from it cannot be expected to help.")

@@ -176,7 +176,8 @@ def test_premise_and_warnings_come_first(tmp_path):
     markdown = write_report(metrics, tmp_path)["markdown"].read_text()
     head = markdown.split("## Table 1", 1)[0]
     lines = [line for line in head.splitlines() if line]
-    assert lines[1].startswith("Warning: the ViT teacher's clean accuracy (32.90%) is near chance (10.00%)")
+    assert lines[1].startswith("Warning: the ViT teacher's clean accuracy (32.90%) is less than a third of the way "
+                               "from chance (10.00%) to 100%")
     assert "Warning: the CNN teacher (50.00% clean) is not better than the independent student (60.00%)" in head
     premise = head.split("## Premise (measured on the teachers)", 1)[1]
     assert "Shape bias: ViT teacher 0.800, CNN teacher 0.300: as the premise assumes." in premise
