@@ -19,6 +19,8 @@ import itertools
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -136,6 +138,34 @@ def _resources(device: str, cfg: Config) -> dict[str, float]:
     return {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": cfg.train.trial_cpus}
 
 
+def _fit_stopping_on_ctrl_c(tuner):
+    """tuner.fit(), where Ctrl-C stops the sweep through Tune's own graceful stop and then raises KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside Tune's event loop can be lost there (the sweep then ran to its end
+    and exited 0); Tune always stops cleanly on SIGUSR1, so the first Ctrl-C is turned into that, the
+    trials' checkpoints stay whole, and the interrupt is raised once fit() has returned. A second Ctrl-C
+    raises at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        results = tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    return results
+
+
 def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=print) -> dict:
     """Train every unfinished trial with Ray Tune; returns {"trained": [...], "reused": [...], "final": {name: metrics}}."""
     from ray import tune
@@ -177,7 +207,7 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
                 tune_config=tune.TuneConfig(trial_dirname_creator=_dirname, trial_name_creator=_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
-        results = tuner.fit()
+        results = _fit_stopping_on_ctrl_c(tuner)
         errors = [r for r in results if r.error is not None]
         if errors:
             last = [line for line in str(errors[0].error).splitlines() if line.strip()][-1:]  # the exception itself
