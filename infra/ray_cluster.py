@@ -4,7 +4,7 @@ Exposure. Ray 2.60 has no setting that binds a cluster to the loopback interface
 `--node-ip-address=127.0.0.1`, its GCS server, raylet, workers and the driver listen on all interfaces
 and the runtime-env agent on the machine's address (tests/test_ray_local.py lists them). What a
 local cluster can have is Ray's token authentication (RAY_AUTH_MODE=token, the token in
-~/.ray/auth_token), which every one of those ports then requires: this module turns it on (unless
+~/.ray/auth_token, or where there is none a random one for this command only), which every one of those ports then requires: this module turns it on (unless
 the user set RAY_AUTH_MODE) and says at start that the ports are reachable from the network. The
 dashboard, when asked for, binds to 127.0.0.1. Joining a cluster (`ray.address`) is the user's choice
 and leaves its settings alone.
@@ -20,6 +20,7 @@ command handles it and exits, then the watchdog stops the cluster.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,8 +57,13 @@ def ensure_ray(rc: RayConfig) -> None:
         Config.initialize("")  # Ray reads the mode at import: re-read it (what Ray itself does for ray.init())
     mode = os.environ["RAY_AUTH_MODE"]
     if mode == "token":
+        token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser()
+        if not os.environ.get("RAY_AUTH_TOKEN") and not token_file.is_file():
+            # `ray start` refuses to run without a token; a fresh machine has none: one for this command only,
+            # inherited by the cluster it starts and by nothing else
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         print("hakd: note: the local Ray cluster listens on all network interfaces (Ray 2.60 cannot bind to "
-              "127.0.0.1 only); token authentication is on, so callers without ~/.ray/auth_token are refused",
+              "127.0.0.1 only); token authentication is on, so callers without its token are refused",
               file=sys.stderr)
     else:
         print(f"hakd: warning: RAY_AUTH_MODE={mode}: the local Ray cluster listens on all "

@@ -62,7 +62,7 @@ def analyze_again(tiny_run, tmp_path):
 
 
 def test_local_ray_requires_the_token_and_dies_with_a_killed_analyze(analyze_again, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     log = open(tmp_path / "analyze.log", "wb")
     cli = subprocess.Popen([sys.executable, "-m", "infra.cli", "analyze", "--out", str(analyze_again), *TINY],
                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
