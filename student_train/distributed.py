@@ -11,7 +11,6 @@ os.replace), so a killed run damages nothing and resumes from its last checkpoin
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 
@@ -114,8 +113,7 @@ def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=p
     config, summary and run info. Returns what `run_sweep` returns.
     """
     from infra.config import dump_config
-    from infra.provenance import write_run_info
-    from student_train.sweep import finished, plan_trials, trial_config, trial_digest, trial_dir
+    from student_train.sweep import finished, plan_trials, trial_config, trial_dir, write_summary
     from student_train.trainer import train_student
 
     out = Path(out).resolve()
@@ -134,10 +132,7 @@ def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=p
         final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device,
                               log=log if main else (lambda *_: None))
         if main:
-            tmp = d / "summary.json.tmp"
-            tmp.write_text(json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2))
-            os.replace(tmp, d / "summary.json")  # the mark of a finished trial, written last and whole
-            write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
+            write_summary(d, tcfg, trial, final)
     final = on_rank0(lambda: {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials},
                      "reading the trials' results")
     return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}

@@ -99,12 +99,22 @@ def finished(out: Path, cfg: Config, trial: Trial) -> dict | None:
     return summary["final"] if summary.get("digest") == trial_digest(trial_config(cfg, trial)) else None
 
 
+def write_summary(d: Path, tcfg: Config, trial: Trial, final: dict) -> None:
+    """Mark a trial finished in its directory d: summary.json (the digest `finished` checks, the final metrics),
+    written last and whole, then its run info. Called by the one process that writes (a Tune trial, or rank 0)."""
+    from infra.provenance import write_run_info
+
+    tmp = d / "summary.json.tmp"
+    tmp.write_text(json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2))
+    os.replace(tmp, d / "summary.json")
+    write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
+
+
 def _run_trial(config: dict, base: dict, out: str, beton: str, meta: dict, device: str, threads: int) -> None:
     """The Tune trainable: train one trial (resuming from its checkpoint), reporting each epoch to Tune."""
     import torch
     from ray import tune
 
-    from infra.provenance import write_run_info
     from student_train.trainer import train_student
 
     torch.set_num_threads(threads)
@@ -121,10 +131,7 @@ def _run_trial(config: dict, base: dict, out: str, beton: str, meta: dict, devic
     (d / "config.yaml").write_text(dump_config(tcfg))
     final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device, log=lambda *_: None,
                           on_epoch=lambda metrics: tune.report(dict(metrics)))
-    tmp = d / "summary.json.tmp"
-    tmp.write_text(json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2))
-    os.replace(tmp, d / "summary.json")  # the mark of a finished trial, written last and whole
-    write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
+    write_summary(d, tcfg, trial, final)
 
 
 def _dirname(tune_trial) -> str:
