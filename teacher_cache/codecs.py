@@ -13,8 +13,12 @@ step (`dequantize`).
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+if TYPE_CHECKING:
+    import torch
 
 CODECS = ("none", "lz4", "zstd")
 FEATURE_DTYPES = ("float16", "int8")
@@ -67,6 +71,7 @@ def scale_shape(view_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def quantize(x: torch.Tensor, view_ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float16 scale per token) of a batch of features, on x's device."""
+    import torch  # here, not above: the cache's writer processes import this module and need no torch
     axis = token_axis(view_ndim)
     x = x.float()
     scale = (x.abs().amax(dim=axis, keepdim=True) / 127).half()

@@ -1,11 +1,10 @@
 """`hakd cache`: fit each teacher once, then run it over K views of every training image on Ray.
 
-Work is cut into shard-aligned units; each unit is computed and written by exactly one Ray actor
-(zarr loses data when two writers touch one shard). An actor copies each batch's outputs into a
-reused host buffer (pinned, on a side CUDA stream) and hands a finished unit to one of its writer
-threads (`cache.writers`) while it computes the next, so encoding and disk writes overlap compute.
-A unit is marked done only after its bytes are fsynced, with each shard file's checksum taken as it
-was written; nothing is read back. Re-running verifies those checksums, rewrites damaged or missing
+Work is cut into shard-aligned units; each unit is computed by exactly one Ray actor
+(teacher_cache/worker.py) and written by one of its writer processes (zarr loses data when two
+writers touch one shard), so encoding and disk writes overlap compute. A unit is marked done only
+after its bytes are fsynced, with each shard file's checksum taken as it was written; nothing is
+read back. Re-running verifies those checksums, rewrites damaged or missing
 units (and the ViT's `live_block/` weights, a unit of their own), and skips the rest, so a killed job
 resumes and ends with the same store as an uninterrupted one.
 """
@@ -13,28 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from infra import storage
-from infra.config import Config, config_from_dict
+from infra.config import Config
 from infra.provenance import provenance
 from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.embedded import embedded_identity
 from teacher_cache.fit import build_teacher, fit_teacher, head_mode, load_fitted
-from teacher_cache.codecs import parse_overrides, quantize, scale_shape
+from teacher_cache.codecs import parse_overrides
 from teacher_cache.store import CacheStore, Layout, StoreError
-from teacher_cache.views import apply_views, sample_views
+from teacher_cache.views import sample_views
 
 ROLES = ("teacher_vit", "teacher_cnn")
-FLOAT16_MAX = 65504.0
 
 
 def storage_root(out: Path | str, cfg: Config) -> str:
@@ -131,168 +126,6 @@ def ensure_teacher(cfg: Config, role: str, out: Path, device: str) -> dict:
     return info
 
 
-class UnitBuffers:
-    """Reused host buffers for the teacher outputs of whole units (pinned on CUDA), handed out one
-    unit at a time: a unit's buffer returns to the pool once its write has finished."""
-
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], rows: int, slots: int, pin: bool):
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(slots):
-            self.free.put({name: torch.empty((rows, *shape), dtype=dtype, pin_memory=pin)
-                           for name, (shape, dtype) in shapes.items()})
-
-    def acquire(self) -> dict[str, torch.Tensor]:
-        return self.free.get()  # blocks while every buffer is being written: back-pressure on compute
-
-    def release(self, slot: dict[str, torch.Tensor]) -> None:
-        self.free.put(slot)
-
-
-class CacheWorker:
-    """One Ray actor: a teacher in memory, reused host buffers, writer threads, and the units it is handed.
-
-    The byte path of a unit: each batch's outputs are cast on the device (float16, or int8 + scales),
-    copied into the unit's host buffer (on CUDA: on a side stream, so the copy of batch i overlaps the
-    compute of batch i + 1), and the full unit goes to a writer thread while the next unit is computed.
-    `cache.writers` units are encoded and written at once, each by one thread (its own shards), and
-    zarr encodes a shard's chunks on its own thread pool.
-    """
-
-    def __init__(self, cfg_dict: dict, role: str, out: str, path: str, images, labels, views, device: str,
-                 threads: int, mark: tuple[str, str] | None = None):
-        torch.set_num_threads(threads)
-        self.cfg = config_from_dict(cfg_dict)
-        self.node = storage.node_name()
-        # before anything else: can this node write, read and delete under the location? (names the node if not)
-        storage.probe(storage_root(out, self.cfg), self.node, mark)  # mark: the driver's, proves it is shared
-        self.device = device
-        self.teacher = load_fitted(self.cfg, role, storage_root(out, self.cfg), device)
-        if device == "cuda":
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.layers = cached_layers(self.cfg, role, self.teacher)
-        self.store = CacheStore.open(path)
-        self.images, self.labels, self.views = images, labels, views
-        writers = self.cfg.cache.writers
-        self.writer = ThreadPoolExecutor(writers, thread_name_prefix="cache-writer")
-        self.pending: list = []
-        lay = self.store.layout
-        self.int8 = lay.feature_dtype == "int8"
-        shapes = {"logits": ((lay.views, lay.num_classes), torch.float16)}
-        for name, shape in lay.layers.items():
-            shapes[f"features/{name}"] = ((lay.views, *shape), torch.int8 if self.int8 else torch.float16)
-            if self.int8:
-                shapes[f"scales/{name}"] = ((lay.views, *scale_shape(shape)), torch.float16)
-        self.buffers = UnitBuffers(shapes, lay.shard_size, writers + 1, pin=device == "cuda")
-        self.copy_stream = torch.cuda.Stream() if device == "cuda" else None
-
-    def _unit_inputs(self, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unit u's images and views on the device (one copy per unit, not per batch) and its (image, view) pairs."""
-        lo, hi = self.store.layout.unit_range(u)
-        images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
-        views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
-        if self.device == "cuda":  # from pinned memory: an asynchronous copy that does not stall the stream
-            images = images.pin_memory().to(self.device, non_blocking=True)
-            views = views.pin_memory().to(self.device, non_blocking=True)
-        k = self.store.layout.views
-        pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
-        return images, views, pairs.to(self.device)
-
-    @torch.no_grad()
-    def forward(self, u: int):
-        """Yield the teacher's outputs (on the device) for unit u's (image, view) pairs, batch by batch."""
-        images, views, pairs = self._unit_inputs(u)
-        bs = self.cfg.cache.batch_size
-        cuda = self.device == "cuda"
-        for i in range(0, len(pairs), bs):
-            idx, view = pairs[i:i + bs, 0], pairs[i:i + bs, 1]
-            x = apply_views(images[idx], views[idx, view], self.teacher.input_size)
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                yield self.teacher.extract(x.contiguous(memory_format=torch.channels_last) if cuda else x, self.layers)
-
-    def _stored(self, feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One batch's outputs as they are stored, still on the device and contiguous (float16, or int8 +
-        per-token scales), and whether all of them fit float16 (a device flag: reading it would synchronise)."""
-        fp16 = {"dtype": torch.float16, "memory_format": torch.contiguous_format}
-        out = {"logits": feats["logits"].to(**fp16)}
-        ok = feats["logits"].abs().amax() <= FLOAT16_MAX  # False for NaN too
-        for name, shape in self.store.layout.layers.items():
-            ok &= feats[name].abs().amax() <= FLOAT16_MAX
-            if self.int8:
-                q, scale = quantize(feats[name], len(shape))
-                out[f"features/{name}"], out[f"scales/{name}"] = q.contiguous(), scale.contiguous()
-            else:
-                out[f"features/{name}"] = feats[name].to(**fp16)
-        return out, ok
-
-    def compute(self, u: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-        """Unit u's arrays on the host, ready to write, and the buffer slot holding them (release it after)."""
-        slot = self.buffers.acquire()
-        rows, ok = 0, []
-        try:
-            for feats in self.forward(u):
-                stored, batch_ok = self._stored(feats)
-                n = len(stored["logits"])  # image-views in this batch
-                self._to_host(stored, slot, rows, n)
-                rows += n
-                ok.append(batch_ok)
-            if self.copy_stream is not None:
-                self.copy_stream.synchronize()  # the last batch's copy: the unit is on the host
-            if not bool(torch.stack(ok).all()):  # one host synchronisation per unit
-                raise StoreError(f"unit {u}: the teacher's outputs hold NaN, Inf or values beyond float16's "
-                                 f"range; nothing was written. Check the teacher's weights and inputs")
-        except BaseException:
-            self.buffers.release(slot)
-            raise
-        lo, hi = self.store.layout.unit_range(u)
-        arrays = {"images": self.images[lo:hi], "labels": self.labels[lo:hi], "views": self.views[lo:hi]}
-        k = self.store.layout.views
-        for name, buf in slot.items():
-            arrays[name] = buf.view(-1, *buf.shape[2:])[:rows].view(hi - lo, k, *buf.shape[2:]).numpy()
-        return arrays, slot
-
-    def _to_host(self, stored: dict[str, torch.Tensor], slot: dict[str, torch.Tensor], row: int, n: int) -> None:
-        """Copy one batch (n image-views from flat row `row` of the unit) into the unit's host buffer."""
-        if self.copy_stream is None:
-            for name, t in stored.items():
-                slot[name].view(-1, *slot[name].shape[2:])[row:row + n].copy_(t)
-            return
-        self.copy_stream.wait_stream(torch.cuda.current_stream())  # the batch is computed before it is copied
-        with torch.cuda.stream(self.copy_stream):
-            for name, t in stored.items():
-                slot[name].view(-1, *slot[name].shape[2:])[row:row + n].copy_(t, non_blocking=True)
-                t.record_stream(self.copy_stream)  # its memory is not reused before the copy has read it
-
-    def _write(self, u: int, arrays: dict[str, np.ndarray], slot: dict[str, torch.Tensor]) -> None:
-        try:
-            self.store.write_unit(u, arrays, check_finite=False)  # checked on the device in `compute`
-        finally:
-            self.buffers.release(slot)
-
-    def process(self, u: int) -> list[int]:
-        """Compute unit u, queue its write, and report the units whose writes have finished."""
-        arrays, slot = self.compute(u)
-        self.pending.append((u, self.writer.submit(self._write, u, arrays, slot)))
-        return self._finished()
-
-    def where(self) -> str:
-        return self.node
-
-    def drain(self) -> list[int]:
-        return self._finished(wait=True)
-
-    def _finished(self, wait: bool = False) -> list[int]:
-        """Units whose writes are done (all of them with `wait`); a failed write re-raises here."""
-        done, still = [], []
-        for u, fut in self.pending:
-            if wait or fut.done():
-                fut.result()
-                done.append(u)
-            else:
-                still.append((u, fut))
-        self.pending = still
-        return done
-
-
 def written_for(path: Path, ident: dict) -> bool:
     """True when the store at `path` exists and was written for exactly `ident`."""
     try:
@@ -356,6 +189,8 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
                desc: str) -> list[str]:
     """Write the units `todo` from Ray actors; returns the nodes the actors ran on."""
     import ray
+
+    from teacher_cache.worker import CacheWorker  # the actor's module imports this one
     n_workers = max(1, min(cfg.cache.workers, len(todo), gpus or cfg.cache.workers))
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(1, int(cpus // n_workers))
@@ -387,6 +222,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
                 inflight[actor.process.remote(waiting.pop(0))] = actor
         for done in ray.get([a.drain.remote() for a in actors]):
             bar.update(len(done))
+        ray.get([a.close.remote() for a in actors])  # writer processes stopped, shared buffers freed
     finally:
         bar.close()
         for a in actors:

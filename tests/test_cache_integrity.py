@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from infra.cli import main as cli_main
-from teacher_cache.store import CacheStore, StoreError, file_checksum
+from teacher_cache.store import NO_FILE, CacheStore, StoreError, file_checksum
 from test_cache import IDENTITY, LAYOUT, PROVENANCE, corrupt_middle, random_unit, shard_files
 
 PARAMS = {"attn.qkv.weight": np.random.default_rng(3).normal(size=(18, 6)),
@@ -133,16 +133,25 @@ def test_old_format_store_is_refused_with_the_fix(tmp_path, capsys):
     assert "hakd cache --overwrite" in capsys.readouterr().err
 
 
-def test_all_zero_shard_needs_no_file(tmp_path):
-    """zarr writes no shard whose values all equal the fill value; the store records that, and verify accepts it."""
+def test_all_zero_shard_is_written_and_checked(tmp_path):
+    """A shard whose values all equal the fill value is written and checksummed like any other (zarr would skip
+    it by default); one that an older writer of this format skipped (recorded as no file) is still accepted."""
     path = tmp_path / "s.zarr"
     store = params_store(path)
     arrays = random_unit(LAYOUT, 2, np.random.default_rng(5))
     arrays["labels"][:] = 0
     store.write_unit(2, arrays)
-    assert not (path / "labels" / "c" / "2").exists()
+    shard = path / "labels" / "c" / "2"
+    assert shard.exists() and store.verify() == []
+    column = store.names.index("labels")
+    shard.unlink()
+    assert store.verify() == ["unit 2 array labels: shard file missing"]
+    sums = store.array("units/xxh3")[2]
+    sums[column] = NO_FILE
+    store.array("units/xxh3")[2] = sums
     assert store.verify() == []
-    (path / "labels" / "c" / "2").write_bytes(b"x")
+    np.testing.assert_array_equal(store.array("labels")[LAYOUT.unit_range(2)[0]:LAYOUT.unit_range(2)[1]], 0)
+    shard.write_bytes(b"x")
     assert store.verify() == ["unit 2 array labels: checksum mismatch (shard damaged)"]
 
 
@@ -159,5 +168,5 @@ def test_worker_refuses_outputs_beyond_float16(tmp_path, monkeypatch):
     monkeypatch.setattr(w.teacher, "extract", overflowing)
     with pytest.raises(StoreError, match="unit 0: the teacher's outputs hold NaN, Inf or values beyond float16"):
         w.process(0)
-    assert w.buffers.free.qsize() == w.cfg.cache.writers + 1  # its host buffer went back to the pool
+    assert w.slots.free.qsize() == w.cfg.cache.writers + 1  # its buffer slot went back to the pool
     assert ctx.store("teacher_cnn").pending_units() == list(range(ctx.store("teacher_cnn").layout.units))

@@ -1,12 +1,13 @@
 """bench cache: the cache path's images/s against the bare teacher forward, and where a unit's time goes.
 
 The cache path is the real `CacheWorker` (in this process, no Ray): for each shard-aligned unit,
-replay the views, run the teacher, bring the outputs to the host (float16, or int8 + scales), and
-hand the unit to the writer threads (Zarr shards, checksummed as written, fsynced) while the next
-unit is computed. The bare forward is the same loop with the same views, batch and precision,
+replay the views, run the teacher, bring the outputs to the host (float16, or int8 + scales) into
+shared memory, and hand the unit to a writer process (Zarr shards, checksummed as written, fsynced)
+while the next unit is computed. The bare forward is the same loop with the same views, batch and precision,
 stopping at the teacher's outputs on the device. "img/s" counts teacher inputs (image-views).
 
-The breakdown is a second, serial pass (one unit at a time, nothing overlapped), in seconds per unit:
+The breakdown is a second, serial pass (one unit at a time, nothing overlapped, written in this
+process), in seconds per unit:
   compute    the bare forward of the unit (device synchronised)
   copy       what casting and bringing the outputs to the host adds to it (overlapped on CUDA)
   encode     zarr's chunk encoding (codec + chunk CRC-32C + shard index) of the unit's arrays
@@ -63,14 +64,14 @@ def breakdown(ctx: Context, role: str) -> dict[str, float]:
         compute = timed(lambda: bare_unit(w, u), p.device)
         out = []
         with_copy = timed(lambda: out.append(w.compute(u)), p.device)  # ends with the host copy complete
-        arrays, slot = out[0]
+        slot, rows = out[0]
         spent["compute"] += compute
         spent["copy"] += max(0.0, with_copy - compute)
         before = dict(store.seconds)
-        try:
-            store.write_unit(u, arrays, check_finite=False)  # as the worker writes: checked on the device
+        try:  # as a writer process writes it (checked on the device), here in this process to time its stages
+            store.write_unit(u, {k: a[:rows] for k, a in w.slots.arrays[slot].items()}, check_finite=False)
         finally:
-            w.buffers.release(slot)
+            w.slots.release(slot)
         d = {k: store.seconds[k] - before.get(k, 0.0) for k in store.seconds}
         spent["checksum"] += d["checksum"]
         spent["encode"] += d["assign"] - d["checksum"] - d["store_write"]

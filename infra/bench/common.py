@@ -306,7 +306,7 @@ class Context:
     def worker(self, role: str):
         """The real CacheWorker (in this process: no Ray), on the profile's device."""
         if role not in self._workers:
-            from teacher_cache.job import CacheWorker
+            from teacher_cache.worker import CacheWorker
             store, d = self.store(role), self.data()
             self._workers[role] = CacheWorker(self.cfg.to_dict(), role, str(self.out), str(store.path),
                                               d["images"], d["labels"], d["views"], self.p.device, self.threads)
@@ -326,7 +326,9 @@ class Context:
 
     def release(self, role: str) -> None:
         """Drop the teacher and worker of `role` (GPU memory) once their store is written."""
-        self._workers.pop(role, None)
+        worker = self._workers.pop(role, None)
+        if worker is not None:
+            worker.close()
         self._teachers.pop(role, None)
         import gc
         gc.collect()
