@@ -1,0 +1,132 @@
+"""The cache's writer processes (teacher_cache/writers.py): the same store as writing in place, errors that
+reach the actor, a dead writer reported and its unit left pending, and nothing left behind by a killed actor."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from teacher_cache.store import CacheStore, StoreError
+from teacher_cache.writers import SharedSlots, WriterPool
+from test_cache import IDENTITY, LAYOUT, PROVENANCE, make_store, random_unit, snapshot, assert_same_arrays
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fill(slots: SharedSlots, slot: int, arrays: dict[str, np.ndarray]) -> int:
+    """Put one unit's arrays into a slot, as CacheWorker.compute does; returns its sample count."""
+    for name, a in arrays.items():
+        np.copyto(slots.arrays[slot][name][:len(a)], a.astype(slots.spec[name][1]))
+    return len(arrays["labels"])
+
+
+def test_writer_processes_write_the_same_store(tmp_path):
+    """Units written by writer processes from shared buffers = the same units written in this process."""
+    _, want = make_store(tmp_path / "ref.zarr")
+    path = tmp_path / "s.zarr"
+    CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE, clevel=5)
+    slots = SharedSlots(LAYOUT.unit_spec(), 3, pin=False)
+    pool = WriterPool(str(path), slots, 2)
+    try:
+        rng = np.random.default_rng(0)  # make_store's draws, unit by unit
+        futures = []
+        for u in range(LAYOUT.units):
+            slot = slots.acquire()
+            futures.append(pool.submit(u, slot, fill(slots, slot, random_unit(LAYOUT, u, rng))))
+        stages = [pool.result(f) for f in futures]
+    finally:
+        pool.close()
+    assert all(s["assign"] > 0 for s in stages)  # each write reports its stages' seconds
+    store = CacheStore.open(path)
+    assert store.verify() == [] and store.pending_units() == []
+    got = {k: v for k, v in snapshot(path).items() if not k.startswith("units/")}
+    assert_same_arrays(got, want)
+    assert slots.segments == []  # closed: the shared memory is gone
+
+
+def test_writer_error_reaches_the_caller(tmp_path):
+    """A writer process that cannot open the store raises the store's own error at the first write."""
+    slots = SharedSlots(LAYOUT.unit_spec(), 2, pin=False)
+    pool = WriterPool(str(tmp_path / "missing.zarr"), slots, 1)
+    try:
+        with pytest.raises(StoreError, match="missing.zarr is not a hakd cache store"):
+            pool.result(pool.submit(0, slots.acquire(), 16))
+        assert slots.free.qsize() == 2  # the slot came back
+    finally:
+        pool.close()
+
+
+def test_dead_writer_is_reported_and_its_unit_stays_pending(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE)
+    slots = SharedSlots(LAYOUT.unit_spec(), 2, pin=False)
+    pool = WriterPool(str(path), slots, 1)
+    rng = np.random.default_rng(1)
+    try:
+        slot = slots.acquire()
+        pool.result(pool.submit(0, slot, fill(slots, slot, random_unit(LAYOUT, 0, rng))))
+        for pid in list(pool.pool._processes):  # a writer killed, e.g. by the kernel's OOM killer
+            os.kill(pid, signal.SIGKILL)
+        slot = slots.acquire()
+        with pytest.raises(RuntimeError, match="a cache writer process died .* re-run `hakd cache`"):
+            pool.result(pool.submit(1, slot, fill(slots, slot, random_unit(LAYOUT, 1, rng))))
+    finally:
+        pool.close()
+    assert store.pending_units() == [1, 2]
+
+
+ORPHAN = """
+import sys, time, numpy as np
+sys.path[:0] = [{root!r}, {tests!r}]
+from teacher_cache.store import CacheStore
+from teacher_cache.writers import SharedSlots, WriterPool
+from test_cache import IDENTITY, LAYOUT, PROVENANCE, random_unit
+CacheStore.create_or_open({path!r}, LAYOUT, IDENTITY, PROVENANCE)
+slots = SharedSlots(LAYOUT.unit_spec(), 3, pin=False)
+pool = WriterPool({path!r}, slots, 2)
+arrays = random_unit(LAYOUT, 0, np.random.default_rng(0))
+for name, a in arrays.items():
+    np.copyto(slots.arrays[0][name][:len(a)], a.astype(slots.spec[name][1]))
+futures = [pool.submit(0, slots.acquire(), 16), pool.submit(1, slots.acquire(), 16)]  # both processes start
+futures[0].result()
+print(" ".join(map(str, pool.pool._processes)), " ".join(slots.names), flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_actor_leaves_no_writer_process_or_shared_memory(tmp_path):
+    """kill -9 of the process that owns the writers (a Ray actor killed): its writer processes exit and its
+    shared buffers are unlinked, so nothing keeps writing into the store or holds memory."""
+    script = ORPHAN.format(root=str(ROOT), tests=str(ROOT / "tests"), path=str(tmp_path / "s.zarr"))
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids, names = _parse(owner.stdout.readline())
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and (any(_alive(p) for p in pids) or any(Path("/dev/shm", n).exists() for n in names)):
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], "writer processes outlived their owner"
+    assert not [n for n in names if Path("/dev/shm", n).exists()], "shared buffers outlived their owner"
+
+
+def _parse(line: str) -> tuple[list[int], list[str]]:
+    words = line.split()
+    assert len(words) == 5, f"unexpected line from the owner process: {line!r}"
+    return [int(w) for w in words[:2]], [w.lstrip("/") for w in words[2:]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")  # a zombie (exited, not yet reaped by init) counts as gone
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
