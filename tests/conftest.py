@@ -41,3 +41,23 @@ def tiny_run(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("run") / "out"
     assert main(["run", "--out", str(out), *TINY]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, ray_session):
+    """(cfg, out): a 64-image cache of both teachers, written once (shared by tests/test_student_*.py)."""
+    from student_cache import make_cfg, quiet
+    from teacher_cache.job import run_cache
+    cfg = make_cfg()
+    out = tmp_path_factory.mktemp("student_train") / "out"
+    run_cache(cfg, out, log=quiet)
+    return cfg, out
+
+
+@pytest.fixture(scope="session")
+def tiny_packed(tiny_cache):
+    """(beton, meta): tiny_cache packed once."""
+    from student_cache import quiet, stores_of
+    from student_train.pack import pack
+    cfg, out = tiny_cache
+    return pack(stores_of(cfg, out), out / "train", workers=1, log=quiet)

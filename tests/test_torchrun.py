@@ -5,13 +5,13 @@ that dies, then resumed: compared with the same training in one process.
    epoch 1's checkpoint. torchrun fails naming it; nothing written is damaged: the packed file is complete, the
    checkpoint loads, metrics.jsonl has epoch 1's line, and there is no model.pt, summary or stage mark.
 2. The plain CLI under torchrun resumes after epoch 1 and finishes.
-3. Reference: the same 2 epochs in one process with PairBatchNorm2d (tests/test_student_train.py), which
+3. Reference: the same 2 epochs in one process with PairBatchNorm2d (tests/test_student_ddp.py), which
    normalises each half of the batch on its own as the two ranks' BatchNorms do, and keeps rank 0's running
    statistics, as DDP saves them. The two compute the same thing in another order of float sums, and those
    rounding differences grow over the 8 SGD steps: weights and BatchNorm statistics agree within 5 % of what
    training changed (measured: 1.3 % for the weights, 0.12 % for the statistics), the logged losses within
    1e-3. A plain BatchNorm over the 32 images differs by ~40 % of the update after 2 steps already
-   (test_student_train's control), so the comparison does tell the two apart.
+   (test_student_ddp's control), so the comparison does tell the two apart.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_torchrun_dies_cleanly_resumes_and_matches_one_process(tiny_run, tmp_pat
     from student_train.students import STUDENTS, Student
     from student_train.sweep import plan_trials, trial_config
     from student_train.trainer import train_student
-    from test_student_train import PAIR_BN
+    from test_student_ddp import PAIR_BN
 
     out = tmp_path / "out"
     out.mkdir()
