@@ -88,6 +88,7 @@ class TrainConfig:
     pca_value_weight: float = 1.0  # w_value: PCA value-relation term (V V^T / sqrt d)
     gl_weight: float = 1.0        # w_gl: GL token-regression term
     pca_swap_prob: float = 0.5    # partially-cross probability of swapping a student Q/K/V for the teacher's
+    pca_qkv: str = "conv3x3"      # PCA projector's map to Q/K/V: conv3x3 (the paper's) | conv1x1 | dwsep (README, "The distillation loss")
     gl_groups: int = 4            # GL projector: groups per side of the token grid (4 -> 16 linear maps)
     logit_temperature: float = 4.0  # Hinton KD temperature (student_logit_kd)
     amp: bool = True              # bf16 autocast on GPU (ignored on CPU)
@@ -364,6 +365,8 @@ def validate(cfg: Config) -> None:
     for w in ("pca_attn_weight", "pca_value_weight", "gl_weight"):
         need(getattr(t, w) >= 0, f"train.{w}", "must be >= 0 (0 switches the term off)")
     need(0.0 <= t.pca_swap_prob <= 1.0, "train.pca_swap_prob", "must be in [0, 1]")
+    need(t.pca_qkv in ("conv3x3", "conv1x1", "dwsep"), "train.pca_qkv",  # student_train.projectors.QKV_MAPS
+         f"{t.pca_qkv!r} is not one of conv3x3 (the paper's), conv1x1, dwsep")
     need(t.gl_groups >= 1, "train.gl_groups", "must be >= 1")
     need(t.logit_temperature > 0, "train.logit_temperature", "must be positive")
     need(t.loader_workers >= 1, "train.loader_workers", "must be >= 1")

@@ -62,7 +62,8 @@ class KDObjective(nn.Module):
 
     - ``label_smoothing`` applies to the cross-entropy of every kind.
     - kd_vit: ``teacher_dim`` = D, ``num_heads``, ``grid`` = the teacher's (gh, gw),
-      ``gl_groups`` and ``swap_prob`` configure the projectors; ``pca_attn_weight``,
+      ``gl_groups``, ``swap_prob`` and ``pca_qkv`` (the PCA projector's Q, K, V map, one of
+      ``projectors.QKV_MAPS``) configure the projectors; ``pca_attn_weight``,
       ``pca_value_weight`` and ``gl_weight`` weight the three terms inside kd_lambda (1, 1, 1 is
       the paper's unweighted L_PCA + L_GL).
     - kd_cnn: ``teacher_channels`` = C_T of the teacher's stage map.
@@ -88,6 +89,7 @@ class KDObjective(nn.Module):
         pca_attn_weight: float = 1.0,
         pca_value_weight: float = 1.0,
         gl_weight: float = 1.0,
+        pca_qkv: str = "conv3x3",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -111,7 +113,7 @@ class KDObjective(nn.Module):
         self.weights = {"pca_attn": pca_attn_weight, "pca_value": pca_value_weight, "gl": gl_weight}
         if kind == "student_kd_vit":
             grid = (int(grid[0]), int(grid[1]))
-            self.pca = PCAProjector(student_channels, teacher_dim, num_heads, swap_prob, grid=grid)
+            self.pca = PCAProjector(student_channels, teacher_dim, num_heads, swap_prob, grid=grid, qkv=pca_qkv)
             self.gl = GLProjector(student_channels, teacher_dim, grid, gl_groups)
         elif kind == "student_kd_cnn":
             self.hint = HintRegressor(student_channels, teacher_channels)

@@ -72,12 +72,21 @@ def relation_losses(q_s: Tensor, k_s: Tensor, v_s: Tensor, q_t: Tensor, k_t: Ten
     return F.mse_loss(attn_s, attn_t), F.mse_loss(value_s, value_t)
 
 
+# How PCAProjector maps the student map to Q_S, K_S, V_S (train.pca_qkv). MACs per image and output
+# position, C = student channels, D = teacher_dim: conv3x3 27 C D (the paper's three 3x3 convolutions),
+# conv1x1 3 C D (one linear map per token, as the authors' later code), dwsep 9 C + 3 C D (one depthwise
+# 3x3 shared by Q, K and V, then a 1x1 each: the 3x3 neighbourhood at about the 1x1 cost).
+QKV_MAPS = ("conv3x3", "conv1x1", "dwsep")
+
+
 class PCAProjector(nn.Module):
     """Partially cross attention (PCA) projector; ``forward`` returns L_PCA's two terms.
 
-    Three 3x3 convolutions (padding 1) map the grid-matched student map to Q_S, K_S, V_S with
-    ``teacher_dim`` channels, split into (B, heads, N, d) like the teacher's, d = d_head. With
-    g the partial cross below, and MSE the mean over batch, heads and N x N entries:
+    Convolutions map the grid-matched student map to Q_S, K_S, V_S with ``teacher_dim``
+    channels, split into (B, heads, N, d) like the teacher's, d = d_head. ``qkv`` (one of
+    ``QKV_MAPS``) chooses them: three 3x3 convolutions (padding 1, the paper's), three 1x1, or
+    one depthwise 3x3 followed by three 1x1 (``depthwise`` then ``to_q``, ``to_k``, ``to_v``).
+    With g the partial cross below, and MSE the mean over batch, heads and N x N entries:
 
         L_PCA = MSE(softmax(Q_T K_T^T / sqrt d), softmax(g(Q_S) g(K_S)^T / sqrt d))   (attention)
               + MSE(V_T V_T^T / sqrt d,          g(V_S) g(V_S)^T / sqrt d)            (value)
@@ -99,7 +108,8 @@ class PCAProjector(nn.Module):
       entry, and one reimplementation mixes entries; both swap a fraction swap_prob on average.
     - The authors' later code release, as annotated by third parties, differs from the paper:
       it matches the pre-softmax Q K^T/sqrt d and V V^T averaged over heads, weighted 0.2 and
-      0.05, has no swap, and maps h_S to Q, K, V with one linear layer instead of 3x3 convs.
+      0.05, has no swap, and maps h_S to Q, K, V with one linear layer instead of 3x3 convs
+      (``qkv="conv1x1"`` is that map; the loss stays the paper's).
     - Means, not sums, so the loss does not grow with B, heads or N^2. The two terms differ in
       scale (attention entries are about 1/N, value relations about sqrt d), so they are
       returned apart and weighted by the caller (``KDObjective``, train.pca_*_weight).
@@ -112,6 +122,7 @@ class PCAProjector(nn.Module):
         num_heads: int,
         swap_prob: float = 0.5,
         grid: tuple[int, int] | None = None,
+        qkv: str = "conv3x3",
     ) -> None:
         """``grid`` is the teacher's (gh, gw); None means square, side sqrt(N) of the input."""
         super().__init__()
@@ -119,13 +130,20 @@ class PCAProjector(nn.Module):
             raise ValueError(f"teacher_dim {teacher_dim} is not a multiple of num_heads {num_heads}")
         if not 0.0 <= swap_prob <= 1.0:
             raise ValueError(f"swap_prob must lie in [0, 1], got {swap_prob}")
+        if qkv not in QKV_MAPS:
+            raise ValueError(f"unknown qkv map {qkv!r}; expected one of {QKV_MAPS}")
         self.num_heads = num_heads
         self.swap_prob = swap_prob
         self.grid = grid
-        self.to_q = nn.Conv2d(student_channels, teacher_dim, kernel_size=3, padding=1)
+        self.qkv = qkv
+        # No bias: the 1x1 convolutions' biases that follow absorb it.
+        self.depthwise = (nn.Conv2d(student_channels, student_channels, kernel_size=3, padding=1,
+                                    groups=student_channels, bias=False) if qkv == "dwsep" else None)
+        k = 3 if qkv == "conv3x3" else 1
+        self.to_q = nn.Conv2d(student_channels, teacher_dim, kernel_size=k, padding=k // 2)
         # No key bias: it adds q . b to a whole row of scores, which the softmax cancels.
-        self.to_k = nn.Conv2d(student_channels, teacher_dim, kernel_size=3, padding=1, bias=False)
-        self.to_v = nn.Conv2d(student_channels, teacher_dim, kernel_size=3, padding=1)
+        self.to_k = nn.Conv2d(student_channels, teacher_dim, kernel_size=k, padding=k // 2, bias=False)
+        self.to_v = nn.Conv2d(student_channels, teacher_dim, kernel_size=k, padding=k // 2)
         self.last_swap: Tensor | None = None
 
     def _teacher_grid(self, num_tokens: int) -> tuple[int, int]:
@@ -142,9 +160,11 @@ class PCAProjector(nn.Module):
         The three convolutions run as one with their weights stacked (3 x teacher_dim outputs):
         the same function, one pass over the input instead of three, and one larger GEMM."""
         h = match_grid(h_s, grid)
+        if self.depthwise is not None:
+            h = self.depthwise(h)
         k_bias = self.to_q.bias.new_zeros(self.to_k.out_channels)
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        out = F.conv2d(h, weight, torch.cat([self.to_q.bias, k_bias, self.to_v.bias]), padding=1)
+        out = F.conv2d(h, weight, torch.cat([self.to_q.bias, k_bias, self.to_v.bias]), padding=self.to_q.padding)
         return tuple(_to_heads(m, self.num_heads) for m in out.chunk(3, dim=1))
 
     def forward(self, h_s: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor]:

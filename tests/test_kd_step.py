@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from infra.config import ConfigError, load_config
 from student_train.losses import KDObjective, gradient_shares
-from student_train.projectors import relation_losses
+from student_train.projectors import QKV_MAPS, relation_losses
 from student_train.students import STAGES, Student
 
 
@@ -71,6 +71,13 @@ def test_negative_term_weight_is_refused_naming_the_key(key):
         load_config(None, [f"train.{key}=-1"])
 
 
+def test_pca_qkv_takes_each_projector_map_and_refuses_others_naming_the_key():
+    for qkv in QKV_MAPS:
+        assert load_config(None, [f"train.pca_qkv={qkv}"]).train.pca_qkv == qkv
+    with pytest.raises(ConfigError, match=r"train.pca_qkv: 'conv5x5' is not one of conv3x3 .*conv1x1, dwsep"):
+        load_config(None, ["train.pca_qkv=conv5x5"])
+
+
 # --- the relations in bf16 ---------------------------------------------------------------------
 
 
@@ -116,7 +123,8 @@ def test_staged_forward_matches_the_net_and_its_hooks(arch):
         student.forward_with(x, ("blocks.3",))
 
 
-def test_compiled_kd_step_matches_eager():
+@pytest.mark.parametrize("pca_qkv", ["conv3x3", "dwsep"])  # dwsep: 1x1 convolutions after a depthwise one
+def test_compiled_kd_step_matches_eager(pca_qkv):
     """student + projectors + live block compiled in place as the trainer does (train.compile), each
     as one graph (fullgraph: no breaks), give the eager loss and gradients. The aot_eager backend
     keeps the test fast; it traces the same graphs inductor compiles (inductor itself, run by hand on
@@ -130,7 +138,7 @@ def test_compiled_kd_step_matches_eager():
     student = Student("resnet_demo", 10, 32)
     objective = KDObjective("student_kd_vit", student_channels=student.channels("layer3"), kd_lambda=1.0,
                             teacher_dim=96, num_heads=live.heads, grid=live.grid, swap_prob=0.5,
-                            pca_attn_weight=100.0, pca_value_weight=0.1)
+                            pca_attn_weight=100.0, pca_value_weight=0.1, pca_qkv=pca_qkv)
     eager = _Step(student, objective, "layer3").train()
     compiled, compiled_live = copy.deepcopy(eager), copy.deepcopy(live)
     for module in (compiled.student, compiled.objective, compiled_live):
@@ -144,8 +152,8 @@ def test_compiled_kd_step_matches_eager():
         total.backward()
         return total, terms, shares, {n: p.grad for n, p in module.named_parameters()}
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inductor_config, "fallback_random", True)
+    # torch's own patch: a MonkeyPatch undo deletes the key from inductor's config module for later tests
+    with inductor_config.patch(fallback_random=True):
         results = [step(eager, live), step(compiled, compiled_live)]
     (total_e, terms_e, shares_e, grads_e), (total_c, terms_c, shares_c, grads_c) = results
     torch.testing.assert_close(total_c, total_e, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from student_train.losses import KDObjective, logit_kd_loss
-from student_train.projectors import GLProjector, HintRegressor, PCAProjector, match_grid
+from student_train.projectors import QKV_MAPS, GLProjector, HintRegressor, PCAProjector, match_grid
 
 B, C_S, D, HEADS = 3, 6, 8, 2
 
@@ -51,9 +51,11 @@ def test_match_grid_rule():
 # --- shapes and scalar losses ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("qkv", QKV_MAPS)
 @pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
-def test_pca_scalar_losses(student_hw, grid):
-    pca = PCAProjector(C_S, D, HEADS, grid=grid)
+def test_pca_scalar_losses(student_hw, grid, qkv):
+    pca = PCAProjector(C_S, D, HEADS, grid=grid, qkv=qkv)
+    assert pca.project(torch.randn(B, C_S, *student_hw), grid)[0].shape == (B, HEADS, grid[0] * grid[1], D // HEADS)
     t = vit_teacher(grid)
     for loss in pca(torch.randn(B, C_S, *student_hw), t["q"], t["k"], t["v"]):
         assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -90,8 +92,8 @@ def test_hint_scalar_loss(student_hw, grid):
 @pytest.mark.parametrize(("student_hw", "grid"), GRIDS)
 def test_gradients_reach_every_parameter(student_hw, grid):
     t = vit_teacher(grid)
-    modules_and_losses = [
-        (pca := PCAProjector(C_S, D, HEADS, swap_prob=0.0, grid=grid), lambda h: sum(pca(h, t["q"], t["k"], t["v"]))),
+    pcas = [PCAProjector(C_S, D, HEADS, swap_prob=0.0, grid=grid, qkv=qkv) for qkv in QKV_MAPS]
+    modules_and_losses = [(pca, lambda h, pca=pca: sum(pca(h, t["q"], t["k"], t["v"]))) for pca in pcas] + [
         (gl := GLProjector(C_S, D, grid, groups=4), lambda h: gl(h, t["h"])),
         (hint := HintRegressor(C_S, 5), lambda h: hint(h, torch.randn(B, 5, *grid))),
     ]
@@ -105,8 +107,9 @@ def test_gradients_reach_every_parameter(student_hw, grid):
 # --- a perfect match costs nothing ------------------------------------------------------------
 
 
-def test_pca_full_swap_is_exactly_zero():
-    pca = PCAProjector(C_S, D, HEADS, swap_prob=1.0, grid=(8, 8)).train()
+@pytest.mark.parametrize("qkv", QKV_MAPS)
+def test_pca_full_swap_is_exactly_zero(qkv):
+    pca = PCAProjector(C_S, D, HEADS, swap_prob=1.0, grid=(8, 8), qkv=qkv).train()
     t = vit_teacher((8, 8))
     attn, value = pca(torch.randn(B, C_S, 16, 16), t["q"], t["k"], t["v"])
     assert pca.last_swap.all()
@@ -177,9 +180,11 @@ def test_swap_rate_matches_swap_prob_and_eval_never_swaps():
     assert not pca.last_swap.any()
 
 
-def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn():
+@pytest.mark.parametrize("qkv", QKV_MAPS)
+def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn(qkv):
+    """Against Q, K, V computed by each convolution on its own (the projector stacks them)."""
     grid, batch = (4, 4), 16
-    pca = PCAProjector(C_S, D, HEADS, swap_prob=0.5, grid=grid).train()
+    pca = PCAProjector(C_S, D, HEADS, swap_prob=0.5, grid=grid, qkv=qkv).train()
     t, h_s = vit_teacher(grid, batch=batch), torch.randn(batch, C_S, *grid)
     attn, value = pca(h_s, t["q"], t["k"], t["v"])
     swap = pca.last_swap
@@ -188,8 +193,9 @@ def test_partial_swap_uses_the_teacher_matrix_exactly_where_drawn():
     def heads(x):
         return x.flatten(2).view(batch, HEADS, D // HEADS, -1).transpose(2, 3)
 
+    mixed = pca.depthwise(h_s) if qkv == "dwsep" else h_s
     q, k, v = (
-        torch.where(m.view(-1, 1, 1, 1), t[name], heads(conv(h_s)))
+        torch.where(m.view(-1, 1, 1, 1), t[name], heads(conv(mixed)))
         for m, name, conv in zip(swap, "qkv", (pca.to_q, pca.to_k, pca.to_v))
     )
     scale = (D // HEADS) ** -0.5
@@ -212,6 +218,29 @@ def test_swap_is_reproducible_under_manual_seed():
     assert torch.equal(*masks)
 
 
+@pytest.mark.parametrize("qkv", QKV_MAPS)
+def test_qkv_map_layers_and_cost(qkv):
+    """The layers of each Q, K, V map, and its forward cost as the comment on QKV_MAPS states it (per image
+    and token: conv3x3 27 C D, conv1x1 3 C D, dwsep 9 C + 3 C D multiply-adds), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    channels, dim, grid = 16, 8, (4, 4)
+    pca = PCAProjector(channels, dim, HEADS, grid=grid, qkv=qkv)
+    kernel = 3 if qkv == "conv3x3" else 1
+    assert all(conv.kernel_size == (kernel, kernel) for conv in (pca.to_q, pca.to_k, pca.to_v))
+    assert (pca.depthwise is not None) == (qkv == "dwsep")
+    with FlopCounterMode(display=False) as counter:
+        pca.project(torch.randn(1, channels, *grid), grid)
+    macs_per_token = {"conv3x3": 27 * channels * dim, "conv1x1": 3 * channels * dim,
+                      "dwsep": 9 * channels + 3 * channels * dim}[qkv]
+    assert counter.get_total_flops() == 2 * macs_per_token * grid[0] * grid[1]
+
+
+def test_unknown_qkv_map_is_refused():
+    with pytest.raises(ValueError, match="conv1x1"):
+        PCAProjector(C_S, D, HEADS, qkv="conv5x5")
+
+
 # --- KDObjective -------------------------------------------------------------------------------
 
 VIT_ARGS = dict(student_channels=C_S, kd_lambda=0.5, teacher_dim=D, num_heads=HEADS, grid=(4, 6))
@@ -226,12 +255,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize(("kind", "pca_qkv"), [(kind, "conv3x3") for kind in CASES]
+                         + [("student_kd_vit", qkv) for qkv in QKV_MAPS if qkv != "conv3x3"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
-def test_kd_objective_terms_and_total(kind, teacher_dtype):
+def test_kd_objective_terms_and_total(kind, pca_qkv, teacher_dtype):
     args, make_teacher, keys = CASES[kind]
     # swap_prob=0 so that no projector layer can go without gradient by chance.
-    objective = KDObjective(kind, label_smoothing=0.1, swap_prob=0.0, **args)
+    objective = KDObjective(kind, label_smoothing=0.1, swap_prob=0.0, pca_qkv=pca_qkv, **args)
     logits = torch.randn(B, 10, requires_grad=True)
     feature = torch.randn(B, C_S, 8, 12, requires_grad=True)
     total, terms = objective(logits, torch.randint(0, 10, (B,)), feature, make_teacher(teacher_dtype))
@@ -247,7 +277,9 @@ def test_kd_objective_terms_and_total(kind, teacher_dtype):
     total.backward()
     assert logits.grad.abs().sum() > 0
     assert_every_param_has_grad(objective)
-    assert len(list(objective.parameters())) == {"student_kd_vit": 7, "student_kd_cnn": 3}.get(kind, 0)
+    # kd_vit: Q, K, V weights, Q and V biases, GL weight and bias; dwsep adds the depthwise weight
+    expected = {"student_kd_vit": 8 if pca_qkv == "dwsep" else 7, "student_kd_cnn": 3}.get(kind, 0)
+    assert len(list(objective.parameters())) == expected
 
 
 @pytest.mark.parametrize(
