@@ -69,7 +69,7 @@ class CacheConfig:
     codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=lz4
     feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
     workers: int = 2              # Ray actors writing shards in parallel
-    writers: int = 2              # units each actor encodes and writes at once (one thread each, own shards)
+    writers: int = 0              # writer processes per actor, each encoding and writing whole units (own shards); 0 = auto: on a GPU the node's CPUs per GPU less one, on CPU one (teacher_cache/writers.py)
     location: str | None = None   # where the stores and fitted teachers live: None = OUT/cache and OUT/teachers; a shared path or an s3://bucket/prefix URL seen by every node (credentials: AWS_* variables, endpoint: AWS_ENDPOINT_URL)
     actor_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources each cache actor asks for, e.g. {hakd_cache_node: 1} pins the actors to nodes that offer it
 
@@ -339,7 +339,7 @@ def validate(cfg: Config) -> None:
     need(c.batch_size > 0, "cache.batch_size", "must be positive")
     need(1 <= c.clevel <= 9, "cache.clevel", "must be in 1..9")
     need(c.workers >= 1, "cache.workers", "must be >= 1")
-    need(c.writers >= 1, "cache.writers", "must be >= 1")
+    need(c.writers >= 0, "cache.writers", "must be >= 0 (0 = as many as the node's CPUs allow)")
     need(c.location is None or (bool(c.location.strip()) and ("://" not in c.location or c.location.split("://", 1)[0]
                                                              in ("s3", "file") and bool(c.location.split("://", 1)[1].strip("/")))),
          "cache.location", f"{c.location!r} is not a path or an s3://bucket/prefix URL")

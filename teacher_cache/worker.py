@@ -18,7 +18,7 @@ from teacher_cache.fit import load_fitted
 from teacher_cache.job import cached_layers, storage_root
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views
-from teacher_cache.writers import SharedSlots, WriterPool
+from teacher_cache.writers import SharedSlots, WriterPool, writer_count
 
 FLOAT16_MAX = 65504.0
 
@@ -41,9 +41,10 @@ class CacheWorker:
         self.store = CacheStore.open(path)
         self.images, self.labels, self.views = images, labels, views
         self.int8 = self.store.layout.feature_dtype == "int8"
-        writers = self.cfg.cache.writers
+        spec = self.store.layout.unit_spec()
+        writers = writer_count(self.cfg.cache.writers, spec, device)
         # one slot per writer, and one being filled by compute
-        self.slots = SharedSlots(self.store.layout.unit_spec(), writers + 1, pin=device == "cuda")
+        self.slots = SharedSlots(spec, writers + 1, pin=device == "cuda")
         self.writers = WriterPool(str(path), self.slots, writers)
         self.pending: list = []
         self.copy_stream = torch.cuda.Stream() if device == "cuda" else None

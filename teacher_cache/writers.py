@@ -27,6 +27,8 @@ from multiprocessing import shared_memory
 import numpy as np
 
 ALIGN = 4096  # every array starts on its own page: aligned for the device copies and for numpy
+SHM = "/dev/shm"  # where Linux keeps shared memory: a tmpfs, often small in containers (docker: 64 MB)
+SHM_SHARE = 0.5  # at most this fraction of its free space goes to one actor's buffers
 
 Spec = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape of a full slot, numpy dtype)
 
@@ -42,6 +44,46 @@ def _offsets(spec: Spec) -> tuple[dict[str, int], int]:
 def _views(buf, spec: Spec) -> dict[str, np.ndarray]:
     offsets, _ = _offsets(spec)
     return {name: np.ndarray(shape, dtype, buffer=buf, offset=offsets[name]) for name, (shape, dtype) in spec.items()}
+
+
+def slot_bytes(spec: Spec) -> int:
+    return _offsets(spec)[1]
+
+
+def shm_free() -> int:
+    st = os.statvfs(SHM)
+    return st.f_bavail * st.f_frsize
+
+
+def node_cpus_per_gpu() -> int:
+    """CPUs per GPU on this node: from Ray's view of the node inside an actor, else from this machine."""
+    try:
+        import ray
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+            res = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node)
+            return int(res.get("CPU", 1) // max(1, res.get("GPU", 1)))
+    except Exception:  # no Ray here, or a Ray without this node's record: this machine's own count
+        pass
+    import torch
+    return len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count())
+
+
+def writer_count(requested: int, spec: Spec, device: str) -> int:
+    """How many writer processes an actor runs: `requested`, or with 0 (auto) its node's CPUs per GPU less
+    one (the actor's own thread) on a GPU, one on CPU (there the teacher's forward is the slow part);
+    auto stays within half of /dev/shm's free space (each writer holds a unit, plus the one being computed).
+    Raises when the buffers cannot fit at all, naming the fix."""
+    size, free = slot_bytes(spec), shm_free()
+    fits = int(free * SHM_SHARE // size) - 1
+    n = requested or max(1, min(node_cpus_per_gpu() - 1 if device == "cuda" else 1, fits))
+    if (n + 1) * size > free:
+        from infra.errors import UserError
+        raise UserError(f"the cache's unit buffers need {(n + 1) * size / 2**30:.2f} GiB of shared memory "
+                        f"({n + 1} units of {size / 2**20:.0f} MiB) but {SHM} has {free / 2**30:.2f} GiB free: "
+                        f"lower cache.writers or cache.shard_size, or give the machine more shared memory "
+                        f"(docker run --shm-size=...)")
+    return n
 
 
 class SharedSlots:

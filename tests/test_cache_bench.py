@@ -25,9 +25,11 @@ def test_cache_bench_breakdown_in_ram(tmp_path):
         assert list(stages) == list(cache.STAGES), name
         assert all(v >= 0 for v in stages.values()) and stages["compute"] > 0 and stages["write"] > 0, stages
         assert fig["bare_needs_mb_s"] > 0 and fig["compression_ratio"] > 0
+        assert fig["writers_img_s"] > 0 and fig["writers_mb_s"] > 0
     assert line["teachers"]["wrn_demo"]["compression_ratio"] > line["teachers"]["vit_demo"]["compression_ratio"]
     assert ctx.store("teacher_cnn").verify() == [] and ctx.store("teacher_vit").verify() == []
     folder = Path(ctx.store_dir)
+    assert not (folder / "scratch" / "vit_demo.zarr").exists()  # the writers' scratch store is gone
     del ctx, line  # the stores' folder in RAM goes with the context
     import gc
     gc.collect()

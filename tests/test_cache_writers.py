@@ -130,3 +130,19 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")  # a zombie (exited, not yet reaped by init) counts as gone
     return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def test_writer_count_auto_and_shared_memory_bound(monkeypatch):
+    from infra.errors import UserError
+    from teacher_cache import writers
+    spec = LAYOUT.unit_spec()
+    size = writers.slot_bytes(spec)
+    monkeypatch.setattr(writers, "shm_free", lambda: 100 * size)
+    monkeypatch.setattr(writers, "node_cpus_per_gpu", lambda: 16)
+    assert writers.writer_count(3, spec, "cuda") == 3  # as asked
+    assert writers.writer_count(0, spec, "cpu") == 1
+    assert writers.writer_count(0, spec, "cuda") == 15  # the node's CPUs per GPU, less the actor's own
+    monkeypatch.setattr(writers, "shm_free", lambda: 8 * size)
+    assert writers.writer_count(0, spec, "cuda") == 3  # (3 + 1) units = half of /dev/shm's free space
+    with pytest.raises(UserError, match=r"need .* GiB of shared memory .* lower cache.writers or cache.shard_size"):
+        writers.writer_count(8, spec, "cuda")

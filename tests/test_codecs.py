@@ -32,7 +32,7 @@ def test_codec_for_takes_the_longest_match():
     ("cache.codec_overrides", "[features]", "cache.codec_overrides: 'features' is not NAME=CODEC"),
     ("cache.codec_overrides", "[features=brotli]", "cache.codec_overrides: 'features=brotli'"),
     ("cache.feature_dtype", "bfloat16", "cache.feature_dtype: 'bfloat16' is not float16 or int8"),
-    ("cache.writers", "0", "cache.writers: must be >= 1"),
+    ("cache.writers", "-1", "cache.writers: must be >= 0"),
 ])
 def test_config_refuses_bad_cache_values(key, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -14,16 +14,22 @@ process), in seconds per unit:
   checksum   the XXH3 of each shard file as it is written
   write      writing the shard files and fsyncing them
   verify     what `hakd verify` spends on the unit (the cache path itself re-reads nothing)
-With `bare_needs_mb_s` (the stored bytes per second the bare forward would produce) and the disk's
+With `bare_needs_mb_s` (the stored bytes per second the bare forward would produce), the disk's
 own sequential write rate with fsync (`disk_write_mb_s`, a short dd-like write into the store's
-folder), a shortfall is attributable to the disk or to the pipeline. `store_dir=/dev/shm` puts the
+folder) and what the worker's writer processes sustain on their own (`writers_img_s`, `writers_mb_s`:
+units already in memory, every writer busy, into a scratch store beside the real one; and the same
+for 1, 2, 4, ... writers in `writers_scaling`), a shortfall is attributable to the disk, to
+encoding, or to the rest of the pipeline, and `cache.writers` can be sized. `store_dir=/dev/shm` puts the
 stores in RAM.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 from infra.bench.common import ROLES, Context, header, judge, log, median, sig, timed
 
@@ -80,6 +86,49 @@ def breakdown(ctx: Context, role: str) -> dict[str, float]:
     return {k: sig(v / len(units)) for k, v in spent.items()}
 
 
+def writers_alone(ctx: Context, role: str, n: int) -> tuple[float, float]:
+    """(image-views/s, stored MB/s) that `n` writer processes sustain with nothing else running: every
+    slot holds a computed unit, and units are rewritten into a scratch store of the same layout."""
+    from teacher_cache.job import open_store
+    from teacher_cache.writers import SharedSlots, WriterPool
+    store, w = ctx.store(role), ctx.worker(role)
+    lay = store.layout
+    scratch = open_store(ctx.cfg, Path(ctx.store_dir) / "scratch" / Path(store.path).name, lay, {"scratch": role},
+                         {}, overwrite=True)
+    n = min(n, lay.units)  # never two writes of one unit at once
+    slots = SharedSlots(lay.unit_spec(), n, pin=False)
+    pool = WriterPool(scratch.path, slots, n)
+    try:
+        slot, _ = w.compute(0)
+        for i in range(n):
+            for name, a in w.slots.arrays[slot].items():
+                np.copyto(slots.arrays[i][name], a)
+        w.slots.release(slot)
+
+        def write(units: int) -> None:
+            futures = []
+            for i in range(units):
+                lo, hi = lay.unit_range(i % lay.units)
+                futures.append(pool.submit(i % lay.units, slots.acquire(), hi - lo))
+            for f in futures:
+                pool.result(f)
+        write(n)  # starts the processes
+        units = max(2 * n, lay.units)
+        seconds = timed(lambda: write(units), "cpu")
+        per_unit = stored_bytes(scratch.path) / lay.units
+    finally:
+        pool.close()
+        shutil.rmtree(scratch.path, ignore_errors=True)
+    return units * lay.shard_size * lay.views / seconds, units * per_unit / seconds / 1e6
+
+
+def writer_scaling(ctx: Context, role: str) -> dict[str, list[float]]:
+    """writers -> [image-views/s, stored MB/s] for 1, 2, 4, ... writer processes up to the worker's own count."""
+    top = len(ctx.worker(role).slots.segments) - 1
+    counts = sorted({*(2 ** i for i in range(top.bit_length()) if 2 ** i < top), top})
+    return {str(n): [sig(x) for x in writers_alone(ctx, role, n)] for n in counts}
+
+
 def stored_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -108,14 +157,19 @@ def one_teacher(ctx: Context, role: str) -> dict:
         t_bare.append(timed(bare, p.device))
         t_cache.append(timed(cache, p.device))
     stages = breakdown(ctx, role)
+    scaling = writer_scaling(ctx, role)
+    writers_img_s, writers_mb_s = scaling[max(scaling, key=int)]
     bare_s, cache_s = inputs / median(t_bare), inputs / median(t_cache)
     raw_per_input = sum(store.layout.bytes_per_sample().values()) / store.layout.views
     stored_per_input = stored_bytes(store.path) / inputs
-    log(f"cache {w.teacher.spec.name}: bare {bare_s:.0f} img/s, cache {cache_s:.0f} img/s; s/unit {stages}")
+    log(f"cache {w.teacher.spec.name}: bare {bare_s:.0f} img/s, cache {cache_s:.0f} img/s, writers alone "
+        f"{writers_img_s:.0f} img/s ({writers_mb_s:.0f} MB/s); s/unit {stages}")
     return {"teacher": w.teacher.spec.name, "bare_forward_img_s": sig(bare_s), "cache_img_s": sig(cache_s),
             "ratio": sig(cache_s / bare_s), "layers": list(store.layout.layers),
             "written_mb_s": sig(cache_s * stored_per_input / 1e6),
             "bare_needs_mb_s": sig(bare_s * stored_per_input / 1e6),
+            "writers": len(w.slots.segments) - 1, "writers_img_s": writers_img_s, "writers_mb_s": writers_mb_s,
+            "writers_scaling": scaling,
             "compression_ratio": sig(raw_per_input / stored_per_input),
             "stages_s_per_unit": stages}
 
