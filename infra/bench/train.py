@@ -14,6 +14,12 @@ each part of the KD step costs.
                       live_block, gl, pca_convs, pca_relations, pca (both), hint; with plain and
                       full_kd (= resident_kd_step_s); breakdown_over_plain divides each by plain
 
+The keys above use train.pca_qkv (`pca_qkv`, the paper's conv3x3 by default). Every other PCA map of
+QKV_MAPS gets its own full KD step and convolutions: breakdown_step_s `full_kd_<map>` and
+`pca_convs_<map>`, and for every map `offline_kd_step_s_by_pca_qkv` and `offline_over_plain_by_pca_qkv`.
+`gflop_per_image` is counted by torch's FlopCounterMode on one image: the student's forward and
+each map's Q, K, V convolutions (forward; their backward costs about twice as much again).
+
 Each step replays the view on the device as the trainer does (`apply_views`), under bf16 autocast
 and channels_last on GPU. Every kind gets its own freshly initialised student and optimiser, and
 all four run on the same number of torch threads (FFCV's Loader resets torch.set_num_threads to
@@ -31,7 +37,7 @@ from torch import nn
 
 from infra.bench.common import Context, header, judge, log, median, missing_modules, sig, timed
 from student_train.losses import KDObjective
-from student_train.projectors import GLProjector, HintRegressor, PCAProjector, relation_losses
+from student_train.projectors import QKV_MAPS, GLProjector, HintRegressor, PCAProjector, relation_losses
 from student_train.students import Student
 from student_train.trainer import LastBlockTargets
 from teacher_cache.views import apply_views
@@ -81,12 +87,14 @@ class Setup:
         self.image_size = cfg.data.image_size
         self.t = cfg.train
 
-    def model(self, kind: str):
+    def model(self, kind: str, pca_qkv: str | None = None):
+        """Student, objective and optimiser; ``pca_qkv`` overrides train.pca_qkv."""
         torch.manual_seed(0)
         student = Student(self.p.student, self.num_classes, self.image_size)
         kw = dict(kind=kind, student_channels=student.channels(student.spec.kd_layer), kd_lambda=self.t.kd_lambda,
                   gl_groups=self.t.gl_groups, swap_prob=self.t.pca_swap_prob, pca_attn_weight=self.t.pca_attn_weight,
-                  pca_value_weight=self.t.pca_value_weight, gl_weight=self.t.gl_weight)
+                  pca_value_weight=self.t.pca_value_weight, gl_weight=self.t.gl_weight,
+                  pca_qkv=pca_qkv or self.t.pca_qkv)
         if kind == "student_kd_vit":
             kw.update(teacher_dim=self.teacher_dim, num_heads=self.live.heads, grid=self.live.grid)
         objective = KDObjective(**kw)
@@ -119,8 +127,9 @@ class Setup:
 ADDITIONS = ("live_block", "gl", "pca_convs", "pca_relations", "pca", "hint")
 
 
-def addition_step(s: Setup, name: str, cnn_shape: tuple[int, ...]):
-    """A step closure: plain CE plus the addition `name` (ADDITIONS), with its own student and optimiser."""
+def addition_step(s: Setup, name: str, cnn_shape: tuple[int, ...], pca_qkv: str | None = None):
+    """A step closure: plain CE plus the addition `name` (ADDITIONS), with its own student and optimiser;
+    ``pca_qkv`` overrides train.pca_qkv for pca and pca_convs."""
     torch.manual_seed(0)
     student = Student(s.p.student, s.num_classes, s.image_size)
     kd_layer = student.spec.kd_layer
@@ -134,7 +143,7 @@ def addition_step(s: Setup, name: str, cnn_shape: tuple[int, ...]):
         extra = GLProjector(channels, s.teacher_dim, grid, t.gl_groups)
         loss_of = lambda f: extra(f, target["h"])  # noqa: E731
     elif name in ("pca", "pca_convs"):
-        extra = PCAProjector(channels, s.teacher_dim, heads, t.pca_swap_prob, grid)
+        extra = PCAProjector(channels, s.teacher_dim, heads, t.pca_swap_prob, grid, qkv=pca_qkv or t.pca_qkv)
         if name == "pca":
             loss_of = lambda f: sum(extra(f, target["q"], target["k"], target["v"]))  # noqa: E731
         else:  # the three convolutions, with a loss as cheap as possible
@@ -203,18 +212,44 @@ def resident_rate(ctx: Context) -> float:
     return ctx.p.train_batch / step
 
 
+def gflop_per_image(s: Setup) -> dict[str, float]:
+    """Forward GFLOPs for one image, counted by torch: the student, and each PCA map's Q, K, V convolutions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return sig(counter.get_total_flops() / 1e9)
+
+    torch.manual_seed(0)
+    student = Student(s.p.student, s.num_classes, s.image_size).to(s.device).eval()
+    x = s.student_input(s.images[:1], s.views[:1], student)
+    out = {"student_forward": count(lambda: student(x))}
+    with torch.no_grad():
+        feature = student.forward_with(x, (student.spec.kd_layer,))[1][student.spec.kd_layer]
+    for qkv in QKV_MAPS:
+        pca = PCAProjector(feature.shape[1], s.teacher_dim, s.live.heads, grid=s.live.grid, qkv=qkv).to(s.device)
+        out[f"pca_{qkv}"] = count(lambda: pca.project(feature, s.live.grid))
+    return out
+
+
 def run(ctx: Context) -> dict:
     p, dev = ctx.p, ctx.p.device
     s = Setup(ctx)
     threads = ctx.threads
+    configured = s.t.pca_qkv  # the PCA map of every key without a map's name in it
+    others = [q for q in QKV_MAPS if q != configured]
     kinds = {}
 
     m_plain = s.model("student_independent")
     kinds["plain_step_s"] = lambda: s.step(m_plain, s.student_input(s.images, s.views, m_plain[0]), s.labels, None)
 
-    m_res = s.model("student_kd_vit")
-    kinds["resident_kd_step_s"] = lambda: s.step(m_res, s.student_input(s.images, s.views, m_res[0]), s.labels,
-                                                 s.live(s.tokens))
+    def resident(model):
+        return lambda: s.step(model, s.student_input(s.images, s.views, model[0]), s.labels, s.live(s.tokens))
+
+    kinds["resident_kd_step_s"] = resident(s.model("student_kd_vit"))
+    for q in others:
+        kinds[f"resident_kd_{q}"] = resident(s.model("student_kd_vit", q))
     if s.on_gpu:  # train.compile: student, projectors and live block compiled in place, as the trainer does
         m_comp, live_comp = s.model("student_kd_vit"), copy.deepcopy(s.live)
         for module in (m_comp[0], m_comp[1], live_comp):
@@ -226,6 +261,8 @@ def run(ctx: Context) -> dict:
     cnn_shape = next(iter(cnn_layout.layers.values()))
     for name in ADDITIONS:
         kinds[f"plus_{name}"] = addition_step(s, name, cnn_shape)
+    for q in others:
+        kinds[f"plus_pca_convs_{q}"] = addition_step(s, "pca_convs", cnn_shape, q)
 
     # online: the teacher runs on every step (its forward stopped at the last block's input)
     teacher = ctx.teacher("teacher_vit").to(dev).eval()
@@ -242,9 +279,10 @@ def run(ctx: Context) -> dict:
         s.step(m_on, s.student_input(s.images, s.views, m_on[0]), s.labels, target)
     kinds["online_kd_step_s"] = online
 
-    # offline: the same KD step fed by the FFCV loader from the packed cache
+    # offline: the same KD step fed by the FFCV loader from the packed cache, once per PCA map (one loader)
     skipped = missing_modules(["ffcv"])
     batches, ahead = None, 0
+    offline_kinds = {configured: "offline_kd_step_s", **{q: f"offline_kd_{q}" for q in others}}
     if skipped:
         log("train: offline KD skipped, ffcv is not importable")
     else:
@@ -254,34 +292,36 @@ def run(ctx: Context) -> dict:
                                timeout_s=ctx.cfg.train.loader_timeout_s)
         batches = epochs_of(loader)
         ahead = loader.loader.batches_ahead + 2
-        m_off = s.model("student_kd_vit")
 
-        def offline():
-            b = next(batches)
-            # FFCV's Loader calls torch.set_num_threads(num_workers) on every epoch start; keep the
-            # student on the same threads as the other three kinds
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            images = b["image"].to(dev, non_blocking=True)
-            labels = b["label"].to(dev, non_blocking=True)
-            views = b["view"].to(dev, non_blocking=True)
-            target = s.live(b[field].to(dev, non_blocking=True))
-            s.step(m_off, s.student_input(images, views, m_off[0]), labels, target)
-        kinds["offline_kd_step_s"] = offline
+        def offline(model):
+            def step():
+                b = next(batches)
+                # FFCV's Loader calls torch.set_num_threads(num_workers) on every epoch start; keep the
+                # student on the same threads as the other kinds
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                images = b["image"].to(dev, non_blocking=True)
+                labels = b["label"].to(dev, non_blocking=True)
+                views = b["view"].to(dev, non_blocking=True)
+                target = s.live(b[field].to(dev, non_blocking=True))
+                s.step(model, s.student_input(images, views, model[0]), labels, target)
+            return step
+        for q, key in offline_kinds.items():
+            kinds[key] = offline(s.model("student_kd_vit", q))
 
     def steps(fn, n):
         for _ in range(n):
             fn()
 
-    # warm-up, then rounds over the four kinds (drift on the machine hits all alike); before each
-    # timed offline run, the batches the loader prepared while the other kinds ran are drained
+    # warm-up, then rounds over the kinds (drift on the machine hits all alike); before each timed
+    # offline run, the batches the loader prepared while the other kinds ran are drained
     times = {k: [] for k in kinds}
     try:
         for k, fn in kinds.items():
             steps(fn, p.train_warmup)
         for _ in range(p.repeats):
             for k, fn in kinds.items():
-                if k == "offline_kd_step_s":
+                if k in offline_kinds.values():
                     steps(fn, ahead)
                 times[k].append(timed(lambda: steps(fn, p.train_steps), dev) / p.train_steps)
     finally:
@@ -292,12 +332,22 @@ def run(ctx: Context) -> dict:
     fig = {k: median(v) for k, v in times.items()}
     fig.setdefault("offline_kd_step_s", None)
     additions = {name: fig.pop(f"plus_{name}") for name in ADDITIONS}
+    by_map = {}  # breakdown entries of the other PCA maps
+    for q in others:
+        by_map[f"pca_convs_{q}"] = fig.pop(f"plus_pca_convs_{q}")
+        by_map[f"full_kd_{q}"] = fig.pop(f"resident_kd_{q}")
+    offline_by_map = {q: fig.get(key) for q, key in offline_kinds.items()}
+    for q in others:
+        fig.pop(f"offline_kd_{q}", None)
     log("train: " + ", ".join(f"{k[:-7]} {v * 1e3:.1f} ms" for k, v in fig.items() if v is not None))
-    breakdown = {"plain": fig["plain_step_s"], **additions, "full_kd": fig["resident_kd_step_s"]}
-    log("train breakdown (plain +): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in breakdown.items()))
+    breakdown = {"plain": fig["plain_step_s"], **additions, "full_kd": fig["resident_kd_step_s"], **by_map}
+    log(f"train breakdown (plain +; pca_qkv {configured} unless named): "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in breakdown.items()))
+    flops = gflop_per_image(s)
+    log("train GFLOP per image (forward): " + ", ".join(f"{k} {v}" for k, v in flops.items()))
 
     off = fig["offline_kd_step_s"]
-    line = {**header("train", p), "student": p.student, "teacher": p.vit,
+    line = {**header("train", p), "student": p.student, "teacher": p.vit, "pca_qkv": configured,
             **{k: (sig(v) if v is not None else None) for k, v in fig.items()},
             "offline_over_resident": sig(off / fig["resident_kd_step_s"]) if off else None,
             "online_over_offline": sig(fig["online_kd_step_s"] / off) if off else None,
@@ -307,6 +357,10 @@ def run(ctx: Context) -> dict:
             "student_samples_s": sig(p.train_batch / fig["resident_kd_step_s"]),
             "breakdown_step_s": {k: sig(v) for k, v in breakdown.items()},
             "breakdown_over_plain": {k: sig(v / breakdown["plain"]) for k, v in breakdown.items()},
+            "offline_kd_step_s_by_pca_qkv": {q: sig(v) if v else None for q, v in offline_by_map.items()},
+            "offline_over_plain_by_pca_qkv": {q: sig(v / fig["plain_step_s"]) if v else None
+                                              for q, v in offline_by_map.items()},
+            "gflop_per_image": flops,
             "params": {"batch": p.train_batch, "image_size": p.image_size, "kd": "PCA+GL (student_kd_vit)",
                        "amp_bf16": p.amp, "channels_last": p.channels_last, "warmup_steps": p.train_warmup,
                        "steps_per_repeat": p.train_steps, "repeats": p.repeats, "offline_drain_steps": ahead,
@@ -322,4 +376,5 @@ def run(ctx: Context) -> dict:
     if real:
         targets["online_over_offline"] = ">= 2"
         targets["offline_over_plain"] = "<= 1.3"  # issue #10: distillation at the student's speed
+        targets.update({f"offline_over_plain_by_pca_qkv.{q}": "<= 1.3" for q in QKV_MAPS})
     return judge(line, targets)
