@@ -211,7 +211,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
     inflight = {}
     bar = tqdm(total=len(todo), desc=desc, unit="shard")
     try:
-        for a in actors:
+        for a in [*actors, *actors]:  # two calls queued per actor: it starts the next unit as soon as one returns
             if waiting:
                 inflight[a.process.remote(waiting.pop(0))] = a
         while inflight:

@@ -49,22 +49,32 @@ class CacheWorker:
         self.pending: list = []
         self.copy_stream = torch.cuda.Stream() if device == "cuda" else None
 
-    def _unit_inputs(self, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unit u's images and views on the device (one copy per unit, not per batch) and its (image, view) pairs."""
+    def _unit_inputs(self, u: int, slot: dict[str, np.ndarray] | None = None):
+        """Unit u's images and views on the device (one copy per unit, not per batch) and its (image, view) pairs.
+
+        With a buffer slot, the unit's images, labels and views are first copied into it (the writer needs
+        them there too) and go to the device from there: pinned memory, so an asynchronous copy."""
         lo, hi = self.store.layout.unit_range(u)
-        images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
-        views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
-        if self.device == "cuda":  # from pinned memory: an asynchronous copy that does not stall the stream
-            images = images.pin_memory().to(self.device, non_blocking=True)
-            views = views.pin_memory().to(self.device, non_blocking=True)
+        if slot is not None:
+            for name, source in (("images", self.images), ("labels", self.labels), ("views", self.views)):
+                np.copyto(slot[name][:hi - lo], source[lo:hi])
+            images, views = torch.from_numpy(slot["images"][:hi - lo]), torch.from_numpy(slot["views"][:hi - lo])
+        else:
+            images = torch.from_numpy(np.ascontiguousarray(self.images[lo:hi]))
+            views = torch.from_numpy(np.ascontiguousarray(self.views[lo:hi]))
+            if self.device == "cuda":
+                images, views = images.pin_memory(), views.pin_memory()
+        if self.device == "cuda":
+            images = images.to(self.device, non_blocking=True)
+            views = views.to(self.device, non_blocking=True)
         k = self.store.layout.views
         pairs = torch.stack(torch.meshgrid(torch.arange(hi - lo), torch.arange(k), indexing="ij"), -1).view(-1, 2)
         return images, views, pairs.to(self.device)
 
     @torch.no_grad()
-    def forward(self, u: int):
+    def forward(self, u: int, slot: dict[str, np.ndarray] | None = None):
         """Yield the teacher's outputs (on the device) for unit u's (image, view) pairs, batch by batch."""
-        images, views, pairs = self._unit_inputs(u)
+        images, views, pairs = self._unit_inputs(u, slot)
         bs = self.cfg.cache.batch_size
         cuda = self.device == "cuda"
         for i in range(0, len(pairs), bs):
@@ -96,15 +106,12 @@ class CacheWorker:
         lo, hi = self.store.layout.unit_range(u)
         rows, ok = 0, []
         try:
-            for feats in self.forward(u):
+            for feats in self.forward(u, arrays):
                 stored, batch_ok = self._stored(feats)
                 n = len(stored["logits"])  # image-views in this batch
                 self._to_host(stored, arrays, rows, n)
                 rows += n
                 ok.append(batch_ok)
-            # while the device works on the last batches: the unit's inputs go into the slot too
-            for name, source in (("images", self.images), ("labels", self.labels), ("views", self.views)):
-                np.copyto(arrays[name][:hi - lo], source[lo:hi])
             if self.copy_stream is not None:
                 self.copy_stream.synchronize()  # the last batch's copy: the unit is on the host
             if not bool(torch.stack(ok).all()):  # one host synchronisation per unit
