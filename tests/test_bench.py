@@ -144,3 +144,99 @@ def test_gpu_script_is_valid_bash():
     subprocess.run([bash, "-n", str(script)], check=True)
     text = script.read_text()
     assert "infra.bench.run gpu" in text and "WHEELS" in text
+
+
+def test_calibration_brings_an_overflowing_random_teacher_into_float16_range(tmp_path):
+    """Fresh BatchNorm statistics (mean 0, variance 1) pass every conv's gain on in eval mode; with conv weights
+    scaled up, the random wrn_demo's layer3 passes float16's 65,504, as random WRN-101's does at 224 px.
+    Statistics measured on the images bring it back to a trained network's scale; Context saves that teacher."""
+    import torch
+    from infra.bench.common import Context, calibrate
+    from teacher_cache.fit import build_teacher
+    ctx = Context(resolve_profile("tiny", "cpu"), tmp_path)
+    torch.manual_seed(0)
+    t = build_teacher(ctx.cfg, "teacher_cnn").eval()
+    with torch.no_grad():
+        for m in t.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(16)
+    scales = calibrate(t, ctx.data()["images"][:16], ["layer3"], 8, "cpu")
+    assert scales["max_abs_before"]["layer3"] > 65504
+    assert scales["max_abs_after"]["layer3"] < 65504 / 64 and scales["max_abs_after"]["logits"] < 65504 / 64
+    assert not t.training and next(t.parameters()).device.type == "cpu"
+
+    saved = ctx.teacher("teacher_cnn")  # the bench's own random teacher: calibrated before it is saved
+    state = torch.load(ctx.out / "teachers" / "teacher_cnn.pt", weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in saved.state_dict().items())
+    assert not torch.allclose(state["net.bn1.running_var"], torch.ones_like(state["net.bn1.running_var"]))
+    assert ctx.memo["calibration"]["wrn_demo"]["layers"] == ["layer3"]
+
+
+def test_a_failing_bench_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """`infra.bench.run gpu` records a failed bench as a one-line error, runs the rest, writes the results file
+    after every bench, and exits 1 at the end."""
+    from infra.bench.common import header
+    results = tmp_path / "results"
+    seen = []
+
+    def fake_run_one(name, ctx):
+        seen.append(name)
+        if name == "cache":
+            raise RuntimeError("unit 3: beyond float16's range\n  (second line of detail)")
+        held = json.loads(next(results.glob("*.json")).read_text())["benches"]  # written after the failure
+        assert held["cache"]["error"] == "RuntimeError: unit 3: beyond float16's range"
+        return {**header(name, ctx.p), "figure_s": 1.0}
+
+    monkeypatch.setattr(bench_run, "run_one", fake_run_one)
+    assert bench_run.cli(["gpu", "--device", "cpu", "--tiny", "--out", str(results)]) == 1
+    captured = capsys.readouterr()
+    assert seen == ["cache", "train", "loader"]
+    assert [(l["bench"], "error" in l) for l in _lines(captured.out)] == [
+        ("cache", True), ("train", False), ("loader", False)]
+    assert "Traceback" in captured.err and "failed: cache" in captured.err
+    path = next(results.glob("*.json"))
+    doc = json.loads(path.read_text())
+    assert set(doc["benches"]) == {"cache", "train", "loader"}
+    assert "| cache | failed: RuntimeError: unit 3: beyond float16's range |" in table.render([path])
+
+
+def test_merge_records_lines_and_runs_that_died(tmp_path):
+    """gpu.sh's merge: a run's last JSON line, or why it printed none; benches a killed run never finished."""
+    from infra.bench import merge
+    results = tmp_path / "nvidia-h200-2026-11-28.json"
+    printed = tmp_path / "lines.jsonl"
+    printed.write_text('{"bench": "cache", "device": "nvidia-h200", "commit": "abc", "ratio": 0.5}\n')
+    assert merge.main([str(results), "cache_shm", "--line-from", str(printed), "--rc", "0"]) == 0
+    doc = json.loads(results.read_text())  # created from the line's header
+    assert doc["device"] == "nvidia-h200" and doc["commit"] == "abc"
+    assert doc["benches"]["cache_shm"] == {"bench": "cache_shm", "device": "nvidia-h200", "commit": "abc",
+                                           "ratio": 0.5}
+    printed.write_text("not json\n")
+    merge.main([str(results), "analyze", "--line-from", str(printed), "--rc", "124", "--why", "killed: hit X=90 s"])
+    merge.main([str(results), "cache_shm", "train", "--rc", "124", "--why", "killed"])
+    benches = json.loads(results.read_text())["benches"]
+    assert benches["analyze"]["error"] == "no result line: exit status 124 (killed: hit X=90 s)"
+    assert benches["train"]["error"] == "did not finish: exit status 124 (killed)"
+    assert benches["cache_shm"]["ratio"] == 0.5  # a bench the file already holds is kept
+
+
+def test_source_stamp_names_the_commit_only_while_the_tree_matches(tmp_path):
+    """The device gets a copy of the tree without our git state; the stamp written here names the commit there."""
+    from infra.bench import stamp
+    doc = stamp.write_stamp(tmp_path / "stamp.json")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert doc["commit"] == head and "infra/provenance.py" in doc["files"]
+    git_blob = subprocess.run(["git", "hash-object", "pyproject.toml"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    assert stamp.blob_hash(ROOT / "pyproject.toml") == git_blob  # git's own blob ids
+
+    tree = tmp_path / "copy"  # a copied tree with no .git
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "a.py").write_text("x = 1\n")
+    fake = tmp_path / "fake-stamp.json"
+    fake.write_text(json.dumps({"commit": "c0ffee", "dirty": True,
+                                "files": {"pkg/a.py": stamp.blob_hash(tree / "pkg" / "a.py")}}))
+    assert stamp.stamped_commit(fake, tree) == "c0ffee-dirty"
+    (tree / "pkg" / "a.py").write_text("x = 2\n")  # edited after stamping: the stamp no longer speaks for it
+    assert stamp.stamped_commit(fake, tree) is None
+    assert stamp.stamped_commit(tmp_path / "missing.json", tree) is None

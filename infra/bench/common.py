@@ -3,6 +3,8 @@
 The benchmarks never touch a user's runs: `Context` builds its own small cache in a temporary
 directory from generated images and randomly initialised teachers (saved where `load_fitted`
 looks for fitted ones, so the real `CacheWorker` loads them), and packs it with the real `pack`.
+The random teachers get a trained network's activation scales first (`calibrate`): their BatchNorm
+statistics are measured on the generated images, as training would set them.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class Profile:
     feature_dtype: str = "float16"  # cache: cache.feature_dtype
     writers: int = 2               # cache: cache.writers (units written at once per worker)
     disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
+    calibration_images: int = 64   # teachers: generated images whose forwards set the random teachers' BatchNorm statistics
 
 
 PROFILES = {
@@ -74,12 +77,12 @@ PROFILES = {
                    n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
                    loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
                    train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
-                   analyze_test_size=1024, disk_probe_mb=1024),  # analyze: 4 batches of 256 per measure
+                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256),  # analyze: 4 batches of 256 per measure
     # tests and `--tiny`: every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
                     loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
                     loader_batches=2, zarr_batches=1, analyze_tasks=4, analyze_test_size=40, analyze_repeats=1,
-                    threads=1, disk_probe_mb=8),
+                    threads=1, disk_probe_mb=8, calibration_images=16),
 }
 
 
@@ -170,9 +173,10 @@ def device_name(device: str) -> str:
 
 
 def header(bench: str, p: Profile) -> dict:
-    from infra.provenance import git_commit, now, versions
+    from infra.bench.stamp import commit
+    from infra.provenance import now, versions
     return {"bench": bench, "device": device_slug(p.device), "device_name": device_name(p.device),
-            "profile": p.name, "created": now(), "commit": git_commit(), "versions": versions(),
+            "profile": p.name, "created": now(), "commit": commit(), "versions": versions(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews every figure
 
 
@@ -220,6 +224,38 @@ def missing_modules(names) -> list[str]:
         except Exception:
             missing.append(n)
     return missing
+
+
+def calibrate(teacher, images, layers: list[str], batch: int, device: str) -> dict:
+    """Set the BatchNorm running statistics of a randomly initialised `teacher` from `images` (uint8,
+    N x H x W x 3), as training sets them: torch's `update_bn`, train-mode forwards without gradients,
+    a cumulative average over every batch. Returns the largest |x| of the cached `layers` and the
+    logits on the first batch before and after, in the precision the cache computes in (bf16 on CUDA).
+
+    Why: a fresh BatchNorm holds mean 0 and variance 1, so in eval mode it passes its input unscaled
+    and every block's gain compounds. Random WRN-101's `layer3` reaches about 1.2e5 at 224 px, beyond
+    float16's 65,504, which the cache rightly refuses to store; with measured statistics it is about
+    60, as in a trained network. A model without BatchNorm (the ViTs: LayerNorm) is left as it is.
+    """
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    cuda = str(device).startswith("cuda")
+    teacher.to(device).eval()
+    batches = [torch.from_numpy(images[i:i + batch]).to(device).permute(0, 3, 1, 2).float().div_(255)
+               for i in range(0, len(images), batch)]
+
+    @torch.no_grad()
+    def max_abs() -> dict[str, float]:
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            out = teacher.extract(batches[0], layers)
+        return {name: sig(float(t.float().abs().amax())) for name, t in out.items()}
+
+    before = max_abs()
+    update_bn(batches, teacher)  # restores eval mode
+    after = max_abs()
+    teacher.cpu()
+    return {"layers": list(layers), "images": len(images), "max_abs_before": before, "max_abs_after": after}
 
 
 class Context:
@@ -276,12 +312,19 @@ class Context:
         return self._data
 
     def teacher(self, role: str):
-        """The randomly initialised teacher of `role` (CPU, eval), saved as OUT/teachers/<role>.pt."""
+        """The randomly initialised, calibrated teacher of `role` (CPU, eval), saved as OUT/teachers/<role>.pt."""
         if role not in self._teachers:
             import torch
             from teacher_cache.fit import build_teacher
+            from teacher_cache.job import cached_layers
             torch.manual_seed(1 + ROLES.index(role))
             t = build_teacher(self.cfg, role).eval()
+            images = self.data()["images"][:self.p.calibration_images]
+            scales = calibrate(t, images, cached_layers(self.cfg, role, t), self.p.cache_batch, self.p.device)
+            self.memo.setdefault("calibration", {})[t.spec.name] = scales
+            log(f"{t.spec.name}: max |x| of {', '.join(scales['layers'])} and logits in the cache's precision: "
+                f"{scales['max_abs_before']} at init, {scales['max_abs_after']} with BatchNorm statistics "
+                f"measured on {scales['images']} images")
             (self.out / "teachers").mkdir(parents=True, exist_ok=True)
             torch.save(t.state_dict(), self.out / "teachers" / f"{role}.pt")
             self._teachers[role] = t

@@ -3,7 +3,16 @@
 #
 #   bash infra/bench/gpu.sh [key=value ...]     # key=value: fields of the "gpu" profile, infra/bench/common.py
 #
-# At 224 px, bf16 autocast + channels_last, random weights, generated images, no downloads:
+# On a device machine of this workplace (its `run` tool copies the working tree; .whl/ is git-ignored, so carry it):
+#   here, once per session:   ../shared/gpu/make-kit.sh && bash infra/bench/kit-extra.sh     # wheels into .whl/
+#   here, before every call:  .venv/bin/python -m infra.bench.stamp    # the commit: the copy's git state is not ours
+#   there:                    run(command="bash infra/bench/gpu.sh", carry=[".whl"], timeout_s=600)
+# The stamp (infra/bench/source-stamp.json, untracked and not ignored, so it travels) names HEAD and hashes every
+# tracked file; the results record its commit only while the tree still matches it, else git's answer (which on
+# the copy named another commit). The first lines of the output say which commit will be recorded and from where.
+#
+# At 224 px, bf16 autocast + channels_last, random weights (BatchNorm statistics calibrated on the generated
+# images, so that activations have a trained network's scale), generated images, no downloads:
 #   cache   ViT-B/16 (vit_b16_clip) and WRN-101 (wrn101): bare teacher forward vs the cache path
 #           (CacheWorker compute + side-stream copies into pinned buffers + Zarr shard writes on writer
 #           threads), images/s; seconds per unit in each stage (compute, copy, encode, checksum, write,
@@ -13,46 +22,46 @@
 #           ViT-B/16 run live (KD = PCA + GL)
 #   loader  FFCV StudentLoader vs a torch DataLoader over the Zarr store, samples/s
 #   analyze images/s per analysis measure (ResNet-50, WRN-101, ViT-B/16, bf16 where the measure allows) and the
-#           projected time of the paper's CIFAR-10 analysis of five models (needs grad-cam and its imports)
+#           projected time of the paper's CIFAR-10 analysis of five models (needs grad-cam: kit-extra.sh)
 # Prints one JSON line per benchmark (stdout; progress on stderr) and writes
 # infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm and analyze are added to it at the end);
 # with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
+# A benchmark that fails or is cut off by its time limit does not stop the others: the results file records it as
+# {"error": "..."} and the script exits non-zero at the end (1, or the first run's own status).
 #
-# Environment variables: PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu with --tiny as the
-# first argument checks the script on a machine without a GPU), BENCH_TIMEOUT (seconds for cache, train
-# and loader, default 330), SHM_TIMEOUT (seconds for cache_shm, default 60), ANALYZE_TIMEOUT
-# (seconds for analyze, default 90), WHEELS (folder of wheels and .deb files to install first; default .whl
-# if present). The three limits together: 8 minutes.
+# Environment variables: PYTHON (default .venv/bin/python where the checkout has one, else python3), DEVICE
+# (default cuda; `DEVICE=cpu bash infra/bench/gpu.sh --tiny` checks the whole script in a few minutes on a
+# machine without a GPU), BENCH_TIMEOUT (seconds for cache, train and loader, default 330), SHM_TIMEOUT
+# (seconds for cache_shm, default 60), ANALYZE_TIMEOUT (seconds for analyze, default 90), WHEELS (folder of
+# wheels and .deb files to install first; default .whl if present and DEVICE is not cpu). The three limits
+# together: 8 minutes (with DEVICE=cpu: 600, 300 and 300 s, for a busy 2-core machine).
 #
-# What the machine needs. torch with CUDA, torchvision, timm, numpy, pyyaml, tqdm (all on the project's
-# GPU image), and:
+# What the machine needs. torch with CUDA, torchvision, timm, numpy, pyyaml, tqdm, scipy, opencv, matplotlib,
+# scikit-learn (all on the project's GPU image), and:
 #   zarr, numcodecs, donfig, google-crc32c, xxhash   cache and train benches (the Zarr store)
 #   ffcv, numba, opencv (cv2)                loader bench and the offline-KD step (the packed file)
+#   grad-cam, ttach                          analyze bench (pure-Python wheels: infra/bench/kit-extra.sh)
 # The script tries every import first and prints what is missing; a benchmark whose modules are
 # missing is reported as skipped (so is the offline step without ffcv), the rest still run.
-# The machine has no network: bring missing packages as wheels for its Python (3.12 on the image),
-# made here with
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 xxhash==4.1.0
-# (`.whl/` is git-ignored; carry it to the machine). ffcv has no wheel on PyPI: build one for the
-# machine's Python (`pip wheel --no-deps ffcv==1.0.2` where pkg-config, libopencv-dev and
-# libturbojpeg0-dev are installed) and put the .deb files of the libraries it links
-# (`apt-get download libturbojpeg0 libopencv-core406t64 libopencv-imgproc406t64` and their
-# dependencies; `ldd` on ffcv's _libffcv*.so lists them) into the same folder. Wheels are installed
-# with pip --no-index --target /tmp/hakd-site; .deb files are unpacked into /tmp/hakd-debs (never
-# into /) and their library folders put on LD_LIBRARY_PATH.
+# The machine has no network: bring missing packages as wheels for its Python (3.12 on the image):
+# ../shared/gpu/make-kit.sh builds them all but grad-cam's (zarr and its small dependencies downloaded, ffcv built
+# for 3.12, the .deb files of the libraries ffcv links), infra/bench/kit-extra.sh adds grad-cam and ttach.
+# Wheels are installed with pip --no-index --target /tmp/hakd-site; .deb files are unpacked into /tmp/hakd-debs
+# (never into /) and their library folders put on LD_LIBRARY_PATH.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi  # the checkout's own (not carried)
 DEVICE=${DEVICE:-cuda}
-LIMIT=${BENCH_TIMEOUT:-330}
-SHM_LIMIT=${SHM_TIMEOUT:-60}
-ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-90}
+if [[ $DEVICE == cpu ]]; then  # a check of the script on a (shared, slow) CPU machine, not a measurement
+  LIMIT=${BENCH_TIMEOUT:-600}; SHM_LIMIT=${SHM_TIMEOUT:-300}; ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-300}
+else
+  LIMIT=${BENCH_TIMEOUT:-330}; SHM_LIMIT=${SHM_TIMEOUT:-60}; ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-90}
+fi
 WHEELS=${WHEELS:-}
-if [[ -z "$WHEELS" && -d .whl ]]; then WHEELS=.whl; fi
+if [[ -z "$WHEELS" && -d .whl && $DEVICE != cpu ]]; then WHEELS=.whl; fi  # the kit is for the GPU image's Python
 
 if [[ -n "$WHEELS" ]]; then
   shopt -s nullglob
@@ -109,6 +118,8 @@ if sys.argv[1] == "cuda":
           file=sys.stderr)
 PYEOF
 
+"$PY" -m infra.bench.stamp --check >&2 || true
+
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv,noheader >&2 || true
 
@@ -116,37 +127,54 @@ lines=/dev/null
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT"; lines=$OUT/bench-lines.jsonl; fi
 errlog=$(mktemp)
 start=$SECONDS
+status=0
 set +e
 timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" \
   2> >(tee "$errlog" >&2) | tee "$lines"
 rc=${PIPESTATUS[0]}
 echo "gpu.sh: python exited with $rc after $((SECONDS - start)) s (124 = hit BENCH_TIMEOUT=$LIMIT)" >&2
+status=$rc
+why() {  # why RC LIMIT-NAME LIMIT: what an exit status means, for the results file
+  case $1 in
+    124|137) echo "killed: hit $2=$3 s" ;;
+    1) echo "a benchmark failed" ;;
+    2) echo "bad arguments" ;;
+    *) echo "see the log" ;;
+  esac
+}
+
+# the results file: named by the run's log after every benchmark it finished; if it finished none, ask for the name
+results=$(sed -n 's/^\[bench\] results written to //p' "$errlog" | tail -1)
+if [[ -z "$results" ]]; then
+  results=$("$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" --results-path 2>/dev/null | tail -1)
+fi
+if [[ -n "$results" && $rc != 0 ]]; then  # benches the run was in, or never reached, when it died
+  "$PY" -m infra.bench.merge "$results" cache train loader --rc "$rc" --why "$(why "$rc" BENCH_TIMEOUT "$LIMIT")"
+fi
 
 # extra runs merged into the results file under their own key: the cache bench again with its stores in RAM
 # (/dev/shm) as cache_shm, and the analysis rates (5 models x CIFAR-10 projection) as analyze
-results=$(sed -n 's/^\[bench\] results written to //p' "$errlog" | tail -1)
-extra() {  # extra KEY LIMIT ARGS...: run `infra.bench.run ARGS`, add its JSON line to the results file as KEY
-  local key=$1 limit=$2; shift 2
+extra() {  # extra KEY LIMIT-NAME LIMIT ARGS...: run `infra.bench.run ARGS`, add its JSON line (or why none) as KEY
+  local key=$1 limit_name=$2 limit=$3; shift 3
   local tmp; tmp=$(mktemp)
   timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m infra.bench.run "$@" | tee "$tmp"
   local erc=${PIPESTATUS[0]}
   echo "gpu.sh: $key exited with $erc after $((SECONDS - start)) s in all" >&2
-  if [[ $erc == 0 && -n "$results" && -f "$results" ]]; then
-    "$PY" - "$results" "$tmp" "$key" <<'PYEOF'
-import json, sys
-path, line, key = sys.argv[1], json.loads(open(sys.argv[2]).read().strip().splitlines()[-1]), sys.argv[3]
-doc = json.load(open(path))
-doc["benches"][key] = {**line, "bench": key}
-open(path, "w").write(json.dumps(doc, indent=2) + "\n")
-print(f"gpu.sh: {key} added to {path}", file=sys.stderr)
-PYEOF
-    if [[ -n "${OUT:-}" ]]; then cat "$tmp" >> "$lines"; fi
+  if [[ $erc != 0 && $status == 0 ]]; then status=$erc; fi
+  if [[ -n "$results" ]]; then
+    "$PY" -m infra.bench.merge "$results" "$key" --line-from "$tmp" --rc "$erc" --why "$(why "$erc" "$limit_name" "$limit")"
   fi
+  if [[ -n "${OUT:-}" ]]; then cat "$tmp" >> "$lines"; fi
   rm -f "$tmp"
 }
-extra cache_shm "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm repeats=2
-extra analyze "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@"
+extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm repeats=2
+extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@"
 set -e
-if [[ -n "${OUT:-}" && -n "$results" && -f "$results" ]]; then cp "$results" "$OUT/"; fi
+if [[ -n "$results" && -f "$results" ]]; then
+  echo "gpu.sh: results in $results" >&2
+  if [[ -n "${OUT:-}" ]]; then cp "$results" "$OUT/"; fi
+else
+  echo "gpu.sh: no results file was written" >&2
+fi
 rm -f "$errlog"
-exit "$rc"
+exit "$status"

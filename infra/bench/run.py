@@ -5,6 +5,10 @@ writes `<results>/<device>-<date>.json` (default results dir: infra/bench/result
 temp dir for the tiny profile; `hakd bench all --out DIR` writes there instead). `gpu` is the set
 infra/bench/gpu.sh runs: cache, train, loader.
 
+A benchmark that fails does not stop the others: its line is {"error": "<one line>"} (the traceback
+goes to stderr), the results file is rewritten after every benchmark, and the exit status is 1 at
+the end if any failed (2 for bad arguments).
+
 Trailing `key=value` arguments override fields of the machine's profile (infra/bench/common.py),
 e.g. `hakd bench train repeats=5 train_batch=32`; `profile=cpu|gpu|tiny` and `device=cpu|cuda` pick
 the profile and the device (default: the GPU profile when torch sees a GPU, else the CPU one). `python -m infra.bench.run` also takes
@@ -15,12 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from infra.bench.common import Context, Profile, device_slug, emit, header, log, missing_modules, resolve_profile
@@ -42,9 +48,17 @@ def run_one(name: str, ctx: Context) -> dict:
     return module.run(ctx)
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, at most `limit` characters: what a results file records of a failure."""
+    first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def run_set(names: list[str], p: Profile, results_dir: Path | None, copy_to: Path | None = None,
             keep: Path | None = None) -> list[dict]:
-    """Run the named benchmarks in one context; print a line each; write the results file if asked."""
+    """Run the named benchmarks in one context; print a line each (an error line for one that failed);
+    write the results file after each if asked."""
     lines = []
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="hakd-bench-", dir=keep) as tmp:
@@ -56,31 +70,47 @@ def run_set(names: list[str], p: Profile, results_dir: Path | None, copy_to: Pat
                 log(f"{name}: skipped, missing {', '.join(missing)}")
             else:
                 t0 = time.time()
-                with contextlib.redirect_stdout(sys.stderr):  # stray prints must not break the JSON lines
-                    line = run_one(name, ctx)
+                try:
+                    with contextlib.redirect_stdout(sys.stderr):  # stray prints must not break the JSON lines
+                        line = run_one(name, ctx)
+                except Exception as e:  # a GPU session is short: one failure must not cost the others their run
+                    traceback.print_exc(file=sys.stderr)
+                    line = {**header(name, p), "error": one_line(e)}
+                    log(f"{name}: FAILED ({line['error']}); going on with the rest")
+                if "error" in line:  # the failed bench's tensors are garbage now: give their device memory back
+                    gc.collect()
+                    if p.device == "cuda":
+                        import torch
+                        torch.cuda.empty_cache()
                 line["seconds"] = round(time.time() - t0, 1)
             emit(line)
             lines.append(line)
             if results_dir is not None:  # after every benchmark: a run cut short keeps what it measured
-                path = write_results(lines, p, results_dir, round(time.time() - start, 1))
+                path = write_results(lines, p, results_dir, round(time.time() - start, 1), ctx.memo)
+                log(f"results written to {path}")  # gpu.sh takes the path from the last such line
                 if copy_to is not None:
                     copy_to.mkdir(parents=True, exist_ok=True)
                     shutil.copy(path, copy_to / path.name)
-    if results_dir is not None and lines:
-        log(f"results written to {path}")
     return lines
 
 
-def write_results(lines: list[dict], p: Profile, results_dir: Path, seconds: float) -> Path:
-    from infra.provenance import git_commit, now, versions
+def results_file(p: Profile, results_dir: Path) -> Path:
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return Path(results_dir) / f"{device_slug(p.device)}-{date}.json"
+
+
+def write_results(lines: list[dict], p: Profile, results_dir: Path, seconds: float, memo: dict | None = None) -> Path:
+    from infra.bench.stamp import commit
+    from infra.provenance import now, versions
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    device = device_slug(p.device)
+    path = results_file(p, results_dir)
+    date, device = path.stem[-10:], device_slug(p.device)
     doc = {"device": device, "device_name": lines[0].get("device_name") if lines else device, "date": date,
-           "created": now(), "commit": git_commit(), "profile": p.name, "versions": versions(),
+           "created": now(), "commit": commit(), "profile": p.name, "versions": versions(),
            "seconds": seconds, "benches": {line["bench"]: line for line in lines}}
-    path = results_dir / f"{device}-{date}.json"
+    if memo and "calibration" in memo:  # the random teachers' activation scales before and after calibration
+        doc["teacher_calibration"] = memo["calibration"]
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
@@ -115,9 +145,17 @@ def main(args) -> int:
             results = RESULTS_DIR
         else:  # tiny figures are checks of the code, never results: keep them out of the repository
             results = Path(tempfile.gettempdir()) / "hakd-bench-results"
+    if getattr(args, "results_path", False):  # gpu.sh: where to record benches whose run died before writing
+        if results is None:
+            raise UserError(f"--results-path: `{args.what}` writes no results file (only {', '.join(SETS)} do)")
+        print(results_file(p, results))
+        return 0
     log(f"profile {p.name} on {device_slug(p.device)}: {', '.join(names)}")
-    run_set(names, p, results, copy_to=getattr(args, "copy_to", None))
-    return 0
+    lines = run_set(names, p, results, copy_to=getattr(args, "copy_to", None))
+    failed = [line["bench"] for line in lines if "error" in line]
+    if failed:
+        log(f"failed: {', '.join(failed)} (their lines hold the error; the others ran)")
+    return 1 if failed else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help=f"results directory for all/gpu (default {RESULTS_DIR})")
     ap.add_argument("--copy-to", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                     help="also copy the results file here (default: $OUT when set)")
+    ap.add_argument("--results-path", action="store_true",
+                    help="print the results file that this command writes, and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     return ap
 

@@ -51,6 +51,9 @@ def rows(doc: dict) -> list[list[str]]:
         if isinstance(skipped, str):  # the whole benchmark could not run
             out.append([device, date, commit, bench, f"skipped: {skipped}", "", ""])
             continue
+        if "error" in line:  # the benchmark failed (infra/bench/run.py records the error and runs the rest)
+            out.append([device, date, commit, bench, f"failed: {line['error']}", "", ""])
+            continue
         targets, met = line.get("targets", {}), line.get("met", {})
         for name, value in figures(line):
             verdict = met.get(name)
