@@ -144,6 +144,7 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
     ensure_ray(cfg.ray)
     storage.probe(storage_root(out, cfg), f"{storage.node_name()} (the driver)")  # it fits and saves the teachers
     gpus = gpus_available()
+    probe_actor_nodes(cfg, out, gpus)  # before any teacher is fitted: a node that cannot write fails now
     device = "cuda" if gpus else "cpu"
     train = load_split(cfg.data, "train")
     data_fp = fingerprint(train)
@@ -183,6 +184,33 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
                          "teacher_clean_accuracy": info["clean_accuracy"], "seconds": round(time.time() - start, 1),
                          "nodes": nodes}
     return summary
+
+
+def actor_nodes(cfg: Config, gpus: int) -> list[str]:
+    """Ids of the alive Ray nodes that offer what a cache actor asks for (a GPU when there are GPUs, and
+    cache.actor_resources)."""
+    import ray
+    need = {**({"GPU": 1} if gpus else {}), **cfg.cache.actor_resources}
+    return [n["NodeID"] for n in ray.nodes()
+            if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in need.items())]
+
+
+def probe_actor_nodes(cfg: Config, out: Path, gpus: int) -> None:
+    """Check the storage location from every node a cache actor may run on, with the driver's mark there,
+    before the minutes of a teacher fit; the actors check again when they start."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = storage_root(out, cfg)
+    mark = storage.leave_mark(root)
+    probe = ray.remote(num_cpus=0)(lambda: storage.probe(root, storage.node_name(), mark))
+    try:
+        ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+                 for node in actor_nodes(cfg, gpus)])
+    except ray.exceptions.RayTaskError as e:
+        raise _startup_error(e) from None
+    finally:
+        storage.delete(mark[0])
 
 
 def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[int], refs, gpus: int,
