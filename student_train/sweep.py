@@ -38,7 +38,7 @@ class SweepError(UserError, RuntimeError):
 class Trial(NamedTuple):
     student: str
     seed: int
-    grid: tuple[tuple[str, object], ...]  # ((config key, value), ...) of this grid point; () without a sweep
+    grid: tuple[tuple[str, object], ...]  # ((config key, value), ...) of the swept keys this student reads; () if none
 
     @property
     def label(self) -> str:
@@ -57,10 +57,23 @@ class Trial(NamedTuple):
 
 
 def plan_trials(cfg: Config) -> list[Trial]:
-    """Every (student, seed, grid point), students outermost; grid points in the order the sweep lists them."""
+    """Every (student, seed, grid point), students outermost; grid points in the order the sweep lists them.
+
+    A student's grid point holds only the swept keys that can change what it learns: a key that only other
+    kinds' objectives read (student_train.trainer.OBJECTIVE_KEYS, e.g. train.kd_lambda for the independent
+    student) is left out, so that student is trained once per seed for all the values of that key.
+    """
+    from student_train.trainer import OBJECTIVE_KEYS
+
+    kind_specific = {key for keys in OBJECTIVE_KEYS.values() for key in keys}
     keys = list(cfg.sweep)
-    points = [tuple(zip(keys, values)) for values in itertools.product(*(cfg.sweep[k] for k in keys))]
-    return [Trial(s, seed, point) for s in cfg.train.students for point in points for seed in cfg.train.seeds]
+    trials = []
+    for student in cfg.train.students:
+        mine = [k for k in keys if (name := k.split(".", 1)[1]) not in kind_specific or name in OBJECTIVE_KEYS[student]]
+        points = dict.fromkeys(tuple((k, v) for k, v in zip(keys, values) if k in mine)
+                               for values in itertools.product(*(cfg.sweep[k] for k in keys)))
+        trials += [Trial(student, seed, point) for point in points for seed in cfg.train.seeds]
+    return trials
 
 
 def trial_config(cfg: Config, trial: Trial) -> Config:

@@ -37,6 +37,17 @@ from teacher_cache.views import apply_views
 
 NEEDS = {"student_kd_vit": ("teacher_vit", "tokens"), "student_kd_cnn": ("teacher_cnn", "feature"),
          "student_logit_kd": ("teacher_vit", "logits"), "student_independent": (None, None)}
+# The train.* keys each kind's objective reads, mapped to KDObjective's argument names. A kind is given its
+# own keys and no others (every kind reads the rest of train.*), so a key listed only for other kinds cannot
+# change what it learns: a sweep over that key trains it once per seed (student_train/sweep.py).
+OBJECTIVE_KEYS = {
+    "student_kd_vit": {"kd_lambda": "kd_lambda", "pca_attn_weight": "pca_attn_weight",
+                       "pca_value_weight": "pca_value_weight", "gl_weight": "gl_weight",
+                       "pca_swap_prob": "swap_prob", "pca_qkv": "pca_qkv", "gl_groups": "gl_groups"},
+    "student_kd_cnn": {"kd_lambda": "kd_lambda"},
+    "student_logit_kd": {"logit_temperature": "temperature"},
+    "student_independent": {},
+}
 
 
 class CacheMismatch(UserError, RuntimeError):
@@ -138,10 +149,8 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     student = Student(t.arch, num_classes, cfg.data.image_size)
     kd_layer = student.spec.kd_layer
     live = None
-    kw = dict(kind=kind, student_channels=student.channels(kd_layer), kd_lambda=t.kd_lambda,
-              pca_attn_weight=t.pca_attn_weight, pca_value_weight=t.pca_value_weight, gl_weight=t.gl_weight,
-              label_smoothing=t.label_smoothing, gl_groups=t.gl_groups, swap_prob=t.pca_swap_prob,
-              temperature=t.logit_temperature)
+    kw = dict(kind=kind, student_channels=student.channels(kd_layer), label_smoothing=t.label_smoothing,
+              **{arg: getattr(t, key) for key, arg in OBJECTIVE_KEYS[kind].items()})
     if kind == "student_kd_vit":
         params = CacheStore.open(meta["stores"]["teacher_vit"]).read_params("live_block")
         live = LastBlockTargets(cfg.teacher_vit.name, num_classes, cfg.data.image_size, params).to(device)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from analysis.grid import points
 from infra.cli import main
 from infra.config import ConfigError, load_config
 from student_train.sweep import Trial, finished, plan_trials, trial_config, trial_dir
@@ -15,8 +16,9 @@ def test_plan_and_trial_configs():
     cfg = load_config(None, [*TINY, "train.students=[student_kd_vit,student_independent]", "train.seeds=[0,1]",
                              "sweep={train.kd_lambda: [0.5, 2], train.lr: [0.1]}"])
     trials = plan_trials(cfg)
-    assert len(trials) == 2 * 2 * 2
+    assert len(trials) == 2 * 2 + 2  # the independent student reads lr but no KD weight: one point per seed
     assert trials[0] == Trial("student_kd_vit", 0, (("train.kd_lambda", 0.5), ("train.lr", 0.1)))
+    assert trials[4:] == [Trial("student_independent", seed, (("train.lr", 0.1),)) for seed in (0, 1)]
     assert trials[0].name == "student_kd_vit/seed0_kd_lambda=0.5_lr=0.1"
     assert trials[0].grid_label == "kd_lambda=0.5,lr=0.1"
     one = trial_config(cfg, trials[3])
@@ -26,6 +28,45 @@ def test_plan_and_trial_configs():
     more = load_config(None, [*TINY, "train.students=[student_kd_vit]", "train.seeds=[0,1,5]",
                               "sweep={train.kd_lambda: [0.5, 2, 4], train.lr: [0.1]}"])
     assert trial_config(more, trials[3]).digest() == one.digest()
+
+
+def test_a_key_that_some_students_do_not_read_trains_them_once_per_seed():
+    """A KD weight does not change the independent student: one trial per seed, the same as without a sweep."""
+    students = "train.students=[student_kd_vit,student_kd_cnn,student_independent,student_logit_kd]"
+    cfg = load_config(None, [*TINY, students, "train.seeds=[0,1]",
+                             "sweep={train.kd_lambda: [0.5, 2], train.logit_temperature: [2, 4]}"])
+    names = [t.name for t in plan_trials(cfg)]
+    assert len(names) == len(set(names)) == 4 + 4 + 2 + 4
+    assert [n for n in names if n.startswith("student_independent/")] == [
+        "student_independent/seed0", "student_independent/seed1"]
+    assert "student_kd_cnn/seed1_kd_lambda=2" in names and "student_logit_kd/seed0_logit_temperature=4" in names
+    alone = load_config(None, [*TINY, students, "train.seeds=[0,1]"])
+    independent = Trial("student_independent", 0, ())
+    assert trial_config(cfg, independent).digest() == trial_config(alone, independent).digest()  # so reused
+
+    # the report: each full grid point shows the students that stand in it, under their plain names
+    models = [f"{t.student}@{t.grid_label}" if t.grid else t.student for t in plan_trials(cfg)]
+    accuracy = {m: {"clean": i / 100} for i, m in enumerate(models)}
+    views = dict(points({"meta": {"models": models, "sweep": cfg.sweep}, "accuracy": accuracy}))
+    assert list(views)[:2] == ["kd_lambda=0.5,logit_temperature=2", "kd_lambda=0.5,logit_temperature=4"]
+    assert len(views) == 4 and all(len(v["accuracy"]) == 4 for v in views.values())
+    view = views["kd_lambda=2,logit_temperature=4"]["accuracy"]
+    assert view["student_kd_vit"] == accuracy["student_kd_vit@kd_lambda=2"]
+    assert view["student_logit_kd"] == accuracy["student_logit_kd@logit_temperature=4"]
+    assert view["student_independent"] == accuracy["student_independent"]
+
+
+def test_objective_keys_are_train_keys_and_objective_arguments():
+    import dataclasses
+    import inspect
+
+    from infra.config import TrainConfig
+    from student_train.losses import KINDS, KDObjective
+    from student_train.trainer import OBJECTIVE_KEYS
+    arguments = set(inspect.signature(KDObjective).parameters)
+    assert set(OBJECTIVE_KEYS) == set(KINDS)
+    for keys in OBJECTIVE_KEYS.values():
+        assert set(keys) <= {f.name for f in dataclasses.fields(TrainConfig)} and set(keys.values()) <= arguments
 
 
 def test_sweep_keys_from_the_command_line():
@@ -72,3 +113,7 @@ def test_sweep_reuses_cache_packed_file_and_finished_trials(tiny_run, tmp_path, 
     assert main(args) == 0
     assert "data.beton reused; 0 trial(s) trained, 2 reused" in capsys.readouterr().out
     assert json.loads((out / "train" / "run.json").read_text())["packing"] == "reused"
+
+    # a sweep over a KD weight, which the independent student does not read, trains nothing new
+    assert main([*args, "sweep.train.kd_lambda=[0.5,2]"]) == 0
+    assert "data.beton reused; 0 trial(s) trained, 2 reused" in capsys.readouterr().out
