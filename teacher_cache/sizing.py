@@ -17,6 +17,7 @@ from teacher_cache.fit import build_teacher
 from teacher_cache.codecs import codec_for, parse_overrides, quantize
 from teacher_cache.job import ROLES, plan
 from teacher_cache.views import apply_views, sample_views
+from teacher_cache.writers import shm_free, slot_bytes
 
 # used when the dataset files are not on this machine yet
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "stl10": 5_000, "fashionmnist": 60_000}
@@ -76,6 +77,11 @@ def size_report(cfg: Config) -> str:
             role_est += raw / ratio
             lines.append(f"  {name:<24} {str(tuple(shape)):<18} {per_sample:>14,} {_human(raw):>12} {_human(raw / ratio):>12}")
         lines.append(f"  {'total':<24} {'':<18} {'':>14} {_human(role_raw):>12} {_human(role_est):>12}")
+        unit = slot_bytes(layout.unit_spec())
+        w = cfg.cache.writers
+        lines.append(f"  writer buffers: {_human(unit)} of shared memory per unit, writers + 1 units per cache actor: "
+                     + (f"{_human((w + 1) * unit)}" if w else f"cache.writers auto, within half of the "
+                        f"{_human(shm_free())} free in /dev/shm here"))
         lines.append("")
         grand_raw += role_raw
         grand_est += role_est

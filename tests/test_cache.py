@@ -460,6 +460,7 @@ def test_cache_dry_run_prints_sizes(tmp_path, capsys):
     cfg = small_cfg()
     k = cfg.cache.views
     assert f"N = 64 images x K = {k} views" in text
+    assert text.count("of shared memory per unit, writers + 1 units per cache actor: cache.writers auto") == 2
     row = re.compile(r"^\s+(\S+)\s+(\(.*?\))\s+([\d,]+)\s+([\d.,]+ [KMGT]?B)\s+([\d.,]+ [KMGT]?B)$", re.M)
     rows = row.findall(text)
     feats = [r for r in rows if r[0].startswith("features/")]
