@@ -46,10 +46,9 @@ def merge(results: Path, entries: dict[str, dict]) -> dict:
         doc = json.loads(results.read_text())
     else:
         first = next(iter(entries.values()), {})
-        doc = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        doc = {"device": results.stem.rsplit("-", 3)[0],  # <device>-<yyyy>-<mm>-<dd>.json
+               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
                **{k: first[k] for k in HEADER if k in first}, "benches": {}}
-        doc.setdefault("device", results.stem.rsplit("-", 3)[0])  # <device>-<yyyy>-<mm>-<dd>.json
-        doc.setdefault("commit", commit())
     doc.setdefault("benches", {}).update({k: {**v, "bench": k} for k, v in entries.items()})
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(".json.tmp")
