@@ -27,7 +27,7 @@
 # infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm and analyze are added to it at the end);
 # with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
 # A benchmark that fails or is cut off by its time limit does not stop the others: the results file records it as
-# {"error": "..."} and the script exits non-zero at the end (1, or the first run's own status).
+# {"error": "..."} and the script exits with the first non-zero status among its runs.
 #
 # Environment variables: PYTHON (default .venv/bin/python where the checkout has one, else python3), DEVICE
 # (default cuda; `DEVICE=cpu bash infra/bench/gpu.sh --tiny` checks the whole script in a few minutes on a
