@@ -9,7 +9,8 @@ are packed as int8 beside their float16 scales and dequantised on the device in 
 
 The file is rebuilt only when a cache changes or the file is damaged: `data.json` beside it records
 the identity and per-shard checksums of the stores it was packed from, and the file's own size and
-CRC-32C. The stores are checked by their recorded file checksums (disk speed), not by decoding them.
+CRC-32C. The stores' parameter groups (the ViT's frozen last block) are copied beside it, checksummed
+too, so training reads nothing from the stores. The stores are checked by their recorded file checksums (disk speed), not by decoding them.
 """
 from __future__ import annotations
 
@@ -87,9 +88,39 @@ def _whole_pack(out_dir: Path, digest: str) -> dict | None:
         meta = json.loads(meta_path.read_text())
     except ValueError:
         return None
-    if meta.get("source_digest") != digest or meta.get("beton_bytes") != beton.stat().st_size:
+    if meta.get("source_digest") != digest or meta.get("beton_bytes") != beton.stat().st_size or "params" not in meta:
         return None
+    for entry in meta["params"].values():
+        f = Path(out_dir) / entry["file"]
+        if not f.is_file() or file_crc32c(f) != entry["crc32c"]:
+            return None
     return meta if meta.get("beton_crc32c") == file_crc32c(beton) else None
+
+
+def _write_params(opened: dict[str, CacheStore], out_dir: Path) -> dict[str, dict]:
+    """Copy each store's parameter groups (the ViT's live_block/) beside the packed file, so that training
+    reads nothing from the stores, which may be remote or gone; returns "role/prefix" -> file and CRC-32C."""
+    out = {}
+    for role, store in opened.items():
+        for prefix in store.attrs.get("params", {}):
+            name = f"params-{role}-{prefix}.npz"
+            tmp = Path(out_dir) / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **store.read_params(prefix))
+            os.replace(tmp, Path(out_dir) / name)
+            out[f"{role}/{prefix}"] = {"file": name, "crc32c": file_crc32c(Path(out_dir) / name)}
+    return out
+
+
+def packed_params(out_dir: Path, meta: dict, role: str, prefix: str) -> dict[str, np.ndarray]:
+    """A parameter group as `pack` copied it beside the packed file (checked against its recorded CRC-32C)."""
+    entry = meta.get("params", {}).get(f"{role}/{prefix}")
+    f = Path(out_dir) / entry["file"] if entry else None
+    if f is None or not f.is_file() or file_crc32c(f) != entry["crc32c"]:
+        raise StoreError(f"the packed cache in {out_dir} has no whole copy of {role}'s {prefix}/ weights; delete "
+                         f"{out_dir} and re-run `hakd train`, which packs it again")
+    with np.load(f, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def packed_file(stores: dict[str, str | Path], out_dir: Path) -> dict | None:
@@ -155,10 +186,11 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
     log(f"packing {len(rows)} rows ({row_bytes / 1024:.1f} KiB each) into {beton}")
     writer.from_indexed_dataset(rows, chunksize=first.shard_size * first.views)  # one shard read per chunk
     os.replace(tmp, beton)  # a half-written file never takes the real name
+    params = _write_params(opened, out_dir)
     meta = {"source_digest": digest, "beton_bytes": beton.stat().st_size, "beton_crc32c": file_crc32c(beton),
             "rows": len(rows), "images": first.n, "views": first.views,
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
             "stores": {r: p if is_url(p) else str(Path(p).resolve()) for r, p in stores.items()},
-            "identities": {r: o.attrs["identity"] for r, o in opened.items()}}
+            "identities": {r: o.attrs["identity"] for r, o in opened.items()}, "params": params}
     meta_path.write_text(json.dumps(meta, indent=2))
     return beton, meta

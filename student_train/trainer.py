@@ -29,9 +29,9 @@ from infra.errors import UserError
 from student_train.distributed import epoch_seed, init_distributed
 from student_train.loader import StudentLoader
 from student_train.losses import KDObjective, gradient_shares
+from student_train.pack import packed_params
 from student_train.students import Student
 from teacher_cache.datasets import fingerprint, load_split
-from teacher_cache.store import CacheStore
 from teacher_cache.teachers import get_spec
 from teacher_cache.views import apply_views
 
@@ -152,7 +152,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     kw = dict(kind=kind, student_channels=student.channels(kd_layer), label_smoothing=t.label_smoothing,
               **{arg: getattr(t, key) for key, arg in OBJECTIVE_KEYS[kind].items()})
     if kind == "student_kd_vit":
-        params = CacheStore.open(meta["stores"]["teacher_vit"]).read_params("live_block")
+        params = packed_params(Path(beton).parent, meta, "teacher_vit", "live_block")
         live = LastBlockTargets(cfg.teacher_vit.name, num_classes, cfg.data.image_size, params).to(device)
         dim = meta["fields"][plan["field"]]["shape"][-1]
         kw.update(teacher_dim=dim, num_heads=live.heads, grid=live.grid)

@@ -18,9 +18,9 @@ import torch
 
 from student_cache import K, N, epoch_batches, field_of, quiet, stores_of
 from student_train.loader import LoaderError, StudentLoader, view_order
-from student_train.pack import FFCV_NAME, META_NAME, pack
+from student_train.pack import FFCV_NAME, META_NAME, pack, packed_params
 from student_train.students import Student
-from teacher_cache.store import CacheStore
+from teacher_cache.store import CacheStore, StoreError
 
 # numba's dispatcher finalizer raises a KeyError when FFCV's compiled pipelines are garbage collected
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -107,6 +107,27 @@ def test_pack_is_reused_unless_a_store_changes(tiny_cache, tiny_packed, tmp_path
     f = field_of(meta3, "teacher_vit", "logits")
     assert np.array_equal(rows[f][0].numpy(), arrays["logits"][0, 0])   # row 0 = (image 0, view 0)
     assert np.array_equal(rows[f][1].numpy(), arrays["logits"][0, 1])   # its neighbours unchanged
+
+
+def test_pack_carries_the_live_block_so_training_needs_no_store(tiny_cache, tiny_packed, tmp_path):
+    """The ViT's frozen last block is copied beside the packed file (checksummed): a trainer on a machine that
+    cannot reach the stores (remote, or deleted after packing) still has it; a damaged copy is repacked."""
+    cfg, out = tiny_cache
+    beton, meta = tiny_packed
+    shutil.copytree(out / "train", tmp_path / "train")
+    want = CacheStore.open(stores_of(cfg, out)["teacher_vit"]).read_params("live_block")
+    got = packed_params(tmp_path / "train", meta, "teacher_vit", "live_block")
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    copy = tmp_path / "train" / meta["params"]["teacher_vit/live_block"]["file"]
+    copy.write_bytes(copy.read_bytes()[:-8])  # damaged
+    with pytest.raises(StoreError, match="no whole copy of teacher_vit's live_block/ weights; delete .* re-run"):
+        packed_params(tmp_path / "train", meta, "teacher_vit", "live_block")
+    shutil.copytree(out / "cache", tmp_path / "cache")
+    logs = []
+    _, meta2 = pack(stores_of(cfg, tmp_path), tmp_path / "train", workers=1, log=logs.append)
+    assert len(logs) == 1 and "packing" in logs[0]  # not whole: packed again
+    got = packed_params(tmp_path / "train", meta2, "teacher_vit", "live_block")
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 # ------------------------------------------------------------------------------------ 2. view order

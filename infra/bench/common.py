@@ -60,7 +60,7 @@ class Profile:
     codec: str = "lz4"             # cache: cache.codec of the bench stores
     codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
     feature_dtype: str = "float16"  # cache: cache.feature_dtype
-    writers: int = 2               # cache: cache.writers (units written at once per worker)
+    writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto, teacher_cache/writers.py)
     disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
     calibration_images: int = 64   # teachers: generated images whose forwards set the random teachers' BatchNorm statistics
 
@@ -117,7 +117,7 @@ def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[st
                             f", or profile=cpu|gpu|tiny, device=cpu|cuda")
         value, want = yaml.safe_load(raw), type(getattr(p, key))
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if not ok or (want is int and value < (0 if key == "threads" else 1)):
+        if not ok or (want is int and value < (0 if key in ("threads", "writers") else 1)):
             raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
         p = dataclasses.replace(p, **{key: value})
     if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
