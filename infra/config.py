@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +17,12 @@ from typing import Any
 
 import yaml
 
-from infra.errors import UserError
+from infra.config_parse import ConfigError, build, convert, dotted, merge, parse_override, plain
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 DATASETS = ("shapes", "cifar10", "stl10", "fashionmnist", "imagefolder")
 STUDENTS = ("student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
 
 
 @dataclass
@@ -142,122 +137,13 @@ class Config:
     sweep: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def digest(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none): what decides whether a stage is reusable."""
         d = self.to_dict()
         part = {k: d[k] for k in sections} if sections else d
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _plain(v):
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-# ---------------------------------------------------------------- building from dicts
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:  # typed later against the field it names (sweep values, in validate)
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_type, value_type = typing.get_args(tp)
-        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
-    defaults = cls()
-    kwargs = {}
-    for k, v in data.items():
-        current = getattr(defaults, k)
-        if dataclasses.is_dataclass(current) and isinstance(v, dict):
-            # a partial section overrides the field's own default (e.g. teacher_cnn keeps name=wrn_demo)
-            v = _merge(_plain(dataclasses.asdict(current)), v)
-        kwargs[k] = _convert(v, hints[k], f"{prefix}.{k}" if prefix else k)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> dict:
-    """`train.epochs=3` -> {"train": {"epochs": 3}}; the value is read as YAML (numbers, lists, null)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -273,25 +159,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     for o in overrides:
-        data = _merge(data, parse_override(o))
+        data = merge(data, parse_override(o))
     if isinstance(data.get("sweep"), dict):  # `sweep.train.lr=[...]` nests the key; a sweep key is written whole
-        data["sweep"] = _dotted(data["sweep"])
-    cfg = _build(Config, data)
+        data["sweep"] = dotted(data["sweep"])
+    cfg = build(Config, data)
     validate(cfg)
     return cfg
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": [..]}} -> {"train.lr": [..]}: nested mappings joined into dotted keys."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        out.update(_dotted(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+    cfg = build(Config, data)
     validate(cfg)
     return cfg
 
@@ -412,7 +289,7 @@ def _validate_sweep(sweep: dict[str, list]) -> None:
                               + (" (seeds are train.seeds)" if key == "train.seeds" else ""))
         if not values:
             raise ConfigError(f"sweep.{key}: give at least one value")
-        converted = [_convert(v, train_fields[name], f"sweep.{key}[{i}]") for i, v in enumerate(values)]
+        converted = [convert(v, train_fields[name], f"sweep.{key}[{i}]") for i, v in enumerate(values)]
         if len({json.dumps(v) for v in converted}) != len(converted):
             raise ConfigError(f"sweep.{key}: names a value twice")
         for v in converted:  # each grid point must itself be a valid config
