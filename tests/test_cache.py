@@ -1,4 +1,5 @@
-"""The teacher cache: store format, verification, repair, resume, identity, views, dry run.
+"""The teacher cache: store format, verification, repair, resume, identity, replayed views (tests/test_views.py,
+tests/test_cache_sizing.py and tests/test_cache_integrity.py hold the rest).
 
 The end-to-end tests share one tiny `run_cache` (module fixture `base_run`, 64 images, 2 shards per
 teacher) and work on copies of its output directory, so they can damage stores freely.
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from infra.cli import main as cli_main
 from infra.config import load_config
 from teacher_cache.job import ROLES, run_cache, store_path
 from teacher_cache.store import CacheStore, Layout, StoreError, file_checksum
-from teacher_cache.views import apply_views, sample_views, to_float_nchw
+from teacher_cache.views import apply_views, sample_views
 
 from conftest import TINY
 
@@ -384,49 +384,7 @@ def test_store_for_another_config_is_refused_untouched(run_copy):
     assert CacheStore.create_or_open(path, new_layout, new_identity, {}).attrs["identity"] == store.attrs["identity"]
 
 
-# ---------------------------------------------------------------- 6. views
-
-def test_sample_views_properties():
-    a = sample_views(3000, 4, seed=3)
-    assert a.shape == (3000, 4, 5) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, sample_views(3000, 4, seed=3))
-    assert not np.array_equal(a, sample_views(3000, 4, seed=4))
-    np.testing.assert_array_equal(a[:, 0], np.broadcast_to([0, 0, 1, 1, 0], (3000, 5)))
-    y0, x0, h, w, flip = np.moveaxis(a[:, 1:], -1, 0)
-    assert (y0 >= 0).all() and (x0 >= 0).all() and (h > 0).all() and (w > 0).all()
-    assert (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
-    area = h * w
-    assert ((area >= 0.35 - 1e-5) & (area <= 1 + 1e-5)).all()
-    ratio = w / h
-    fallback = (h == 1) & (w == 1)
-    assert ((ratio[~fallback] >= 0.75 - 1e-4) & (ratio[~fallback] <= 4 / 3 + 1e-4)).all()
-    assert area.std() > 0.1 and y0.std() > 0.05  # really random crops
-    assert set(np.unique(flip)) == {0.0, 1.0}
-    assert abs(flip.mean() - 0.5) < 0.03  # 9000 draws: sd 0.005
-    assert abs(sample_views(3000, 4, 3, flip_prob=0.2)[:, 1:, 4].mean() - 0.2) < 0.03
-    assert sample_views(50, 4, 3, flip_prob=0.0)[..., 4].max() == 0
-    np.testing.assert_array_equal(sample_views(7, 1, 0), np.broadcast_to([0, 0, 1, 1, 0], (7, 1, 5)))
-
-
-def test_apply_views_matches_slicing_and_flip():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=g)
-    x = to_float_nchw(images)
-    plain = apply_views(images, torch.tensor([[0, 0, 1, 1, 0.0]] * 2), 32)
-    torch.testing.assert_close(plain, x, atol=1e-5, rtol=0)
-    # box rows 8:24, cols 4:20 (integer pixels), resized 16 -> 16: a plain slice, mirrored when flip = 1
-    views = torch.tensor([[8 / 32, 4 / 32, 16 / 32, 16 / 32, 0.0], [8 / 32, 4 / 32, 16 / 32, 16 / 32, 1.0]])
-    out = apply_views(images, views, 16)
-    torch.testing.assert_close(out[0], x[0, :, 8:24, 4:20], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[1], x[1, :, 8:24, 4:20].flip(-1), atol=1e-5, rtol=0)
-    assert not torch.allclose(out[1], x[1, :, 8:24, 4:20], atol=1e-3)
-    # a non-square box at half resolution: every output pixel is the mean of a 2x2 input block
-    view = torch.tensor([[0.25, 0.0, 0.5, 0.75, 0.0]])
-    out = apply_views(images[:1], view, 8)
-    crop = x[:1, :, 8:24, 0:24]
-    expect = torch.nn.functional.interpolate(crop, size=(8, 8), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
-
+# ---------------------------------------------------------------- 6. views (their unit tests: tests/test_views.py)
 
 def test_cached_logits_are_recomputable(base_run):
     from teacher_cache.fit import load_fitted
@@ -447,35 +405,3 @@ def test_cached_logits_are_recomputable(base_run):
                                            s[f"features/{layer}"][i, k].astype(np.float32), atol=2e-3, rtol=2e-3)
             # and the views matter: view 1's input does not give view 2's cached features
             assert np.abs(got[layer][1].numpy() - s[f"features/{layer}"][i, 2].astype(np.float32)).max() > 0.1
-
-
-# ---------------------------------------------------------------- 7. dry run
-
-def test_cache_dry_run_prints_sizes(tmp_path, capsys):
-    from teacher_cache.fit import build_teacher
-    out = tmp_path / "out"
-    assert cli_main(["cache", "--dry-run", "--out", str(out), *SMALL]) == 0
-    text = capsys.readouterr().out
-    assert not out.exists()  # a dry run writes nothing
-    cfg = small_cfg()
-    k = cfg.cache.views
-    assert f"N = 64 images x K = {k} views" in text
-    assert text.count("of shared memory per unit, writers + 1 units per cache actor: cache.writers auto") == 2
-    row = re.compile(r"^\s+(\S+)\s+(\(.*?\))\s+([\d,]+)\s+([\d.,]+ [KMGT]?B)\s+([\d.,]+ [KMGT]?B)$", re.M)
-    rows = row.findall(text)
-    feats = [r for r in rows if r[0].startswith("features/")]
-    assert len(feats) == 2, text
-    for role, (name, shape, per_sample, raw, est) in zip(ROLES, feats):
-        teacher = build_teacher(cfg, role).eval()
-        (layer,) = teacher.default_layers()
-        assert name == f"features/{layer}"
-        with torch.no_grad():
-            real = tuple(teacher.extract(torch.zeros(1, 3, teacher.input_size, teacher.input_size), [layer])[layer].shape[1:])
-        assert shape == str((k, *real))
-        assert int(per_sample.replace(",", "")) == k * int(np.prod(real)) * 2
-    images = [r for r in rows if r[0] == "images"]
-    assert images and all(int(r[2].replace(",", "")) == 32 * 32 * 3 for r in images)
-    logits = [r for r in rows if r[0] == "logits"]
-    assert logits and all(int(r[2].replace(",", "")) == k * 10 * 2 for r in logits)
-    assert len(re.findall(r"^\s+total\s+\S+ \S*B\s+\S+ \S*B$", text, re.M)) == 2
-    assert re.search(r"all stores: [\d.,]+ [KMGT]?B uncompressed, about [\d.,]+ [KMGT]?B stored", text)
