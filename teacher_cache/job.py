@@ -26,7 +26,8 @@ from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.embedded import embedded_identity
 from teacher_cache.fit import build_teacher, fit_teacher, head_mode, load_fitted
 from teacher_cache.codecs import parse_overrides
-from teacher_cache.store import CacheStore, Layout, StoreError
+from teacher_cache.layout import Layout
+from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import sample_views
 
 ROLES = ("teacher_vit", "teacher_cnn")

@@ -29,7 +29,6 @@ import os
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,8 @@ from zarr.storage import WrapperStore
 
 from infra import storage
 from infra.errors import UserError
-from teacher_cache.codecs import codec_for, scale_shape, zarr_compressors
+from teacher_cache.codecs import codec_for, zarr_compressors
+from teacher_cache.layout import Layout
 
 FORMAT = "hakd-cache/2"
 UNIT_TABLES = ("units/done", "units/xxh3")
@@ -51,44 +51,6 @@ NO_FILE = 0  # recorded checksum of a shard zarr did not write: every value equa
 
 class StoreError(UserError, RuntimeError):
     """A store that cannot be used as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    n: int
-    views: int
-    image_size: int
-    num_classes: int
-    layers: dict[str, tuple[int, ...]]   # per-view feature shape of each cached layer
-    shard_size: int
-    chunk_size: int
-    feature_dtype: str = "float16"       # float16 | int8 (with a float16 scale per token in scales/<layer>)
-
-    @property
-    def units(self) -> int:
-        return -(-self.n // self.shard_size)
-
-    def unit_range(self, u: int) -> tuple[int, int]:
-        return u * self.shard_size, min(self.n, (u + 1) * self.shard_size)
-
-    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype) of every per-sample array, in checksum-column order."""
-        s, k = self.image_size, self.views
-        out = {"images": ((self.n, s, s, 3), "uint8"), "labels": ((self.n,), "int64"),
-               "views": ((self.n, k, 5), "float32"), "logits": ((self.n, k, self.num_classes), "float16")}
-        for name, shape in self.layers.items():
-            out[f"features/{name}"] = ((self.n, k, *shape), self.feature_dtype)
-        if self.feature_dtype == "int8":
-            for name, shape in self.layers.items():
-                out[f"scales/{name}"] = ((self.n, k, *scale_shape(shape)), "float16")
-        return out
-
-    def unit_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype) of every per-sample array for one full unit (a writer's buffer)."""
-        return {name: ((self.shard_size, *shape[1:]), dtype) for name, (shape, dtype) in self.arrays().items()}
-
-    def bytes_per_sample(self) -> dict[str, int]:
-        return {name: int(np.prod(shape[1:])) * np.dtype(dt).itemsize for name, (shape, dt) in self.arrays().items()}
 
 
 def file_checksum(data) -> int:
@@ -161,7 +123,7 @@ class CacheStore:
                            compressors=[Crc32cCodec()])
         group.create_array("units/xxh3", shape=(layout.units, len(layout.arrays())), dtype="uint64",
                            chunks=(1, len(layout.arrays())), fill_value=NO_FILE, compressors=[Crc32cCodec()])
-        group.attrs.update({"format": FORMAT, "identity": _jsonable(identity), "layout": _layout_json(layout),
+        group.attrs.update({"format": FORMAT, "identity": _jsonable(identity), "layout": layout.to_json(),
                             "provenance": _jsonable(provenance), "params_expected": list(params), "params": {}})
         return cls(path, group, layout, zstore)
 
@@ -193,11 +155,7 @@ class CacheStore:
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is a cache store of format {attrs.get('format')!r}, this hakd reads {FORMAT}; "
                              f"re-run `hakd cache --overwrite` (or delete {path}) to write it again")
-        lj = attrs["layout"]
-        layout = Layout(lj["n"], lj["views"], lj["image_size"], lj["num_classes"],
-                        {k: tuple(v) for k, v in lj["layers"].items()}, lj["shard_size"], lj["chunk_size"],
-                        lj["feature_dtype"])
-        return cls(path, group, layout, zstore)
+        return cls(path, group, Layout.from_json(attrs["layout"]), zstore)
 
     @property
     def attrs(self) -> dict:
@@ -395,12 +353,6 @@ class CacheStore:
     def mark_pending(self, units: list[int]) -> None:
         for u in units:
             self.array("units/done")[u] = 0
-
-
-def _layout_json(layout: Layout) -> dict:
-    return {"n": layout.n, "views": layout.views, "image_size": layout.image_size,
-            "num_classes": layout.num_classes, "layers": {k: list(v) for k, v in layout.layers.items()},
-            "shard_size": layout.shard_size, "chunk_size": layout.chunk_size, "feature_dtype": layout.feature_dtype}
 
 
 def _jsonable(d):

@@ -19,7 +19,8 @@ import zarr
 from infra.cli import main as cli_main
 from infra.config import load_config
 from teacher_cache.job import ROLES, run_cache, store_path
-from teacher_cache.store import CacheStore, Layout, StoreError, file_checksum
+from teacher_cache.layout import Layout
+from teacher_cache.store import CacheStore, StoreError, file_checksum
 from teacher_cache.views import apply_views, sample_views
 
 from conftest import TINY

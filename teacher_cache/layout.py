@@ -1,0 +1,58 @@
+"""The shape of a cache store: how many images, views and classes, each cached layer's shape per view,
+the shards (one unit of work, writing and repair each) and chunks, and the features' dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from teacher_cache.codecs import scale_shape
+
+
+@dataclass(frozen=True)
+class Layout:
+    n: int
+    views: int
+    image_size: int
+    num_classes: int
+    layers: dict[str, tuple[int, ...]]   # per-view feature shape of each cached layer
+    shard_size: int
+    chunk_size: int
+    feature_dtype: str = "float16"       # float16 | int8 (with a float16 scale per token in scales/<layer>)
+
+    @property
+    def units(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        return u * self.shard_size, min(self.n, (u + 1) * self.shard_size)
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of every per-sample array, in checksum-column order."""
+        s, k = self.image_size, self.views
+        out = {"images": ((self.n, s, s, 3), "uint8"), "labels": ((self.n,), "int64"),
+               "views": ((self.n, k, 5), "float32"), "logits": ((self.n, k, self.num_classes), "float16")}
+        for name, shape in self.layers.items():
+            out[f"features/{name}"] = ((self.n, k, *shape), self.feature_dtype)
+        if self.feature_dtype == "int8":
+            for name, shape in self.layers.items():
+                out[f"scales/{name}"] = ((self.n, k, *scale_shape(shape)), "float16")
+        return out
+
+    def unit_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of every per-sample array for one full unit (a writer's buffer)."""
+        return {name: ((self.shard_size, *shape[1:]), dtype) for name, (shape, dtype) in self.arrays().items()}
+
+    def bytes_per_sample(self) -> dict[str, int]:
+        return {name: int(np.prod(shape[1:])) * np.dtype(dt).itemsize for name, (shape, dt) in self.arrays().items()}
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "views": self.views, "image_size": self.image_size, "num_classes": self.num_classes,
+                "layers": {k: list(v) for k, v in self.layers.items()}, "shard_size": self.shard_size,
+                "chunk_size": self.chunk_size, "feature_dtype": self.feature_dtype}
+
+    @classmethod
+    def from_json(cls, lj: dict) -> "Layout":
+        return cls(lj["n"], lj["views"], lj["image_size"], lj["num_classes"],
+                   {k: tuple(v) for k, v in lj["layers"].items()}, lj["shard_size"], lj["chunk_size"],
+                   lj["feature_dtype"])
