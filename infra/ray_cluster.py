@@ -75,7 +75,7 @@ def ensure_ray(rc: RayConfig) -> None:
 
 def start_local_cluster(rc: RayConfig) -> str:
     """Start `ray start --head` under a watchdog tied to this process; returns the GCS address once it accepts."""
-    port = _free_port()
+    port = free_port()
     # a private temp dir: `ray start` records its cluster in <temp dir>/ray_current_cluster, where a plain
     # `ray.init()` anywhere on the machine (another hakd, a test session) would otherwise join it
     temp_dir = tempfile.mkdtemp(prefix="hakd-ray-")
@@ -102,7 +102,8 @@ def start_local_cluster(rc: RayConfig) -> str:
     raise RayStartError(f"the local Ray cluster did not start within {START_TIMEOUT_S:.0f} s; see {log.name}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

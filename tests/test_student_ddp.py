@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infra.config import load_config
+from infra.ray_cluster import free_port
 from student_cache import K, N, OVERRIDES, TERMS, RecordStart, epoch_batches, make_cfg, metrics, quiet
 from student_train.loader import StudentLoader, view_order
 from student_train.students import STUDENTS, StudentSpec
@@ -81,12 +81,6 @@ def ddp_worker(spec_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_ddp_two_cpu_ranks_match_one_process(tiny_cache, tiny_packed, tmp_path, monkeypatch):
     """2 gloo ranks x 16 images vs 1 process x 32 images, one epoch (2 optimiser steps), the real demo student.
@@ -103,7 +97,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tiny_cache, tiny_packed, tmp_path, 
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"beton": str(beton), "meta": meta, "overrides": OVERRIDES,
                                 "dir": str(tmp_path / "ddp")}))
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),

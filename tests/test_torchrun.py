@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,16 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from infra.ray_cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TRIAL = Path("train") / "student_independent" / "seed0"
 ARGS = ["train.epochs=2", "train.students=[student_independent]", "train.seeds=[0]", "train.batch_size=32"]
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(target: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -46,7 +41,7 @@ def torchrun(target: list[str], log: Path) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", *target]
+           f"--master_port={free_port()}", *target]
     with log.open("w") as f:
         return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=400)
 
