@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from infra.config import Config, config_from_dict, dump_config
+from infra.config import Config, TrainConfig, config_from_dict, dump_config
 from infra.errors import UserError
 from infra.integrity import loads_tensors
 
@@ -80,11 +80,18 @@ def trial_config(cfg: Config, trial: Trial) -> Config:
     """The config one trial trains with: its seed, its grid values, and nothing of the other trials.
 
     train.seeds and sweep are narrowed to this trial, so that adding a seed or a grid point later
-    leaves the digests, and so the reuse, of the trials already finished unchanged.
+    leaves the digests, and so the reuse, of the trials already finished unchanged. Keys that only other
+    students' objectives read (student_train.trainer.OBJECTIVE_KEYS) hold their defaults, so that changing
+    one, e.g. train.kd_lambda, does not retrain the independent student either.
     """
+    from student_train.trainer import OBJECTIVE_KEYS
+
     d = copy.deepcopy(cfg.to_dict())
     d["seed"] = trial.seed
     d["train"].update({"students": [trial.student], "seeds": [trial.seed]})
+    defaults = TrainConfig()
+    for key in {k for keys in OBJECTIVE_KEYS.values() for k in keys} - set(OBJECTIVE_KEYS[trial.student]):
+        d["train"][key] = getattr(defaults, key)
     for key, value in trial.grid:
         d["train"][key.split(".", 1)[1]] = value
     d["sweep"] = {}

@@ -56,6 +56,20 @@ def test_a_key_that_some_students_do_not_read_trains_them_once_per_seed():
     assert view["student_independent"] == accuracy["student_independent"]
 
 
+def test_a_key_a_student_does_not_read_leaves_its_trial_unchanged():
+    """Outside a sweep too: another train.kd_lambda or logit temperature keeps the independent student's trial
+    (same digest, so reused), and changes exactly the trials of the students that read it."""
+    students = "train.students=[student_kd_vit,student_kd_cnn,student_independent,student_logit_kd]"
+    base = load_config(None, [*TINY, students])
+    other = load_config(None, [*TINY, students, "train.kd_lambda=2.5", "train.logit_temperature=8"])
+    for trial in plan_trials(base):
+        same = trial_config(base, trial).digest() == trial_config(other, trial).digest()
+        assert same == (trial.student == "student_independent"), trial.name
+    kd = Trial("student_kd_vit", 0, ())
+    assert trial_config(other, kd).train.kd_lambda == 2.5
+    assert trial_config(other, kd).train.logit_temperature == base.train.logit_temperature  # not read: default
+
+
 def test_objective_keys_are_train_keys_and_objective_arguments():
     import dataclasses
     import inspect
