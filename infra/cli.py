@@ -15,6 +15,7 @@ from pathlib import Path
 
 from infra.config import ConfigError, load_config
 from infra.errors import Interrupted, UserError
+from infra.exclusive import exclusive_out
 
 DEFAULT_OUT = "runs/demo"
 
@@ -60,8 +61,15 @@ def _run_stages(args, stages: list[str]) -> int:
     out = Path(args.out)
     from student_train.distributed import check_launch, is_main
     check_launch(stages)
-    if is_main():  # under torchrun rank 0 alone checks OUT (and writes in it); the others wait for its packing
-        pipeline.check_out(cfg, out, args.overwrite)
+    if not is_main():  # under torchrun rank 0 alone checks OUT (and writes in it); the others wait for its packing
+        return _stages(args, cfg, out, stages)
+    pipeline.check_out(cfg, out, args.overwrite)
+    with exclusive_out(out):  # a second command on this OUT is refused, not interleaved
+        return _stages(args, cfg, out, stages)
+
+
+def _stages(args, cfg, out: Path, stages: list[str]) -> int:
+    from infra import pipeline
     rows, seconds = [], {}
     outputs = {"cache": out / "cache", "train": out / "train", "analyze": out / "report" / "report.md"}
     for stage in stages:
