@@ -65,6 +65,7 @@ def test_another_config_is_refused_and_nothing_is_touched(tiny_run, capsys):
     (["run", "train.lr=-1"], "train.lr"),
     (["train", "--config", "/no/such.yaml"], "does not exist"),
     (["analyze", "data.name=mnist"], "data.name"),
+    (["run", "train.students=[student_kd_cnn]"], "analysis.models names student_kd_vit, which train.students"),
 ])
 def test_bad_config_exits_2_naming_the_problem(tmp_path, capsys, argv, needle):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
