@@ -29,6 +29,7 @@ from teacher_cache.codecs import parse_overrides
 from teacher_cache.layout import Layout
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import sample_views
+from teacher_cache.writers import wait_for_other_writers
 
 ROLES = ("teacher_vit", "teacher_cnn")
 
@@ -166,6 +167,8 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
         vit = teacher.spec.kind == "vit"
         ident = identity(cfg, role, teacher, layout, data_fp)
         # --overwrite replaces a store written for another identity; one for this identity is kept and resumed
+        if storage.exists(path):  # writers of a run killed moments ago may still be finishing a unit
+            wait_for_other_writers(str(path))
         store = open_store(cfg, path, layout, ident, provenance(cfg), params=("live_block",) if vit else (),
                            overwrite=overwrite and not written_for(path, ident))
         if vit and store.param_problems("live_block"):  # never written, or a run died while writing it

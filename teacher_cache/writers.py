@@ -14,6 +14,7 @@ shards), as zarr requires.
 """
 from __future__ import annotations
 
+import fcntl
 import multiprocessing as mp
 import os
 import queue
@@ -144,6 +145,35 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _store_fd(store_path: str) -> int | None:
+    """An open descriptor of a local store's directory (what the writers' lock is on); None for a URL."""
+    from infra.storage import is_url
+    return None if is_url(store_path) else os.open(store_path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
+    """Return once no writer process holds the store: each holds a shared lock on its directory for its life,
+    and those of a run killed with SIGKILL exit within seconds (with their actor). Raises after `timeout_s`.
+    A local store only: flock does not reach other machines, and an object store has no such lock."""
+    from teacher_cache.store import StoreError
+    fd = _store_fd(store_path)
+    if fd is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # nobody writes; closing the descriptor lets this run's writers in
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
+                                     f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run") from None
+                time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
 def _attach(store_path: str, names: list[str], spec: Spec, parent: int) -> None:
     """Set up a writer process. A failure is kept and raised by its first write: an initializer's own
     exception would only break the pool, with the cause printed to the process's stderr."""
@@ -152,8 +182,11 @@ def _attach(store_path: str, names: list[str], spec: Spec, parent: int) -> None:
         from teacher_cache.store import CacheStore
         # spawned by the actor, so they share its resource tracker: it unlinks the segments if the actor dies
         segments = [shared_memory.SharedMemory(name=name) for name in names]
-        _child.update(store=CacheStore.open(store_path), segments=segments,
-                      arrays=[_views(s.buf, spec) for s in segments])
+        store = CacheStore.open(store_path)
+        fd = _store_fd(store_path)
+        if fd is not None:  # held until this process exits, however it exits: see wait_for_other_writers
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        _child.update(store=store, lock=fd, segments=segments, arrays=[_views(s.buf, spec) for s in segments])
     except Exception as e:
         _child["error"] = e
 

@@ -81,6 +81,24 @@ def test_dead_writer_is_reported_and_its_unit_stays_pending(tmp_path):
     assert store.pending_units() == [1, 2]
 
 
+def test_a_new_run_waits_for_writers_still_holding_the_store(tmp_path):
+    """Writers hold their store while they live; a new run waits for them (those of a killed run exit within
+    seconds) and, if they stay, is refused instead of writing the same shards beside them."""
+    from teacher_cache.writers import wait_for_other_writers
+    path = tmp_path / "s.zarr"
+    CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE)
+    slots = SharedSlots(LAYOUT.unit_spec(), 2, pin=False)
+    pool = WriterPool(str(path), slots, 1)
+    try:
+        slot = slots.acquire()
+        pool.result(pool.submit(0, slot, fill(slots, slot, random_unit(LAYOUT, 0, np.random.default_rng(2)))))
+        with pytest.raises(StoreError, match="writer processes of another hakd cache still hold .* wait for that run"):
+            wait_for_other_writers(str(path), timeout_s=0.5)
+    finally:
+        pool.close()
+    wait_for_other_writers(str(path), timeout_s=0.5)  # its writers are gone: no wait
+
+
 ORPHAN = """
 import sys, time, numpy as np
 sys.path[:0] = [{root!r}, {tests!r}]
