@@ -5,7 +5,7 @@ runs) would interleave their writes: two cache runs would write the same shards.
 holds an exclusive lock (flock) on the --out directory itself for its whole run, so no file is added
 to --out; the kernel drops the lock when the process ends, however it ends (kill -9 too), so a stale
 lock never blocks. A lock on a local path only: on a network filesystem flock may not reach other
-machines.
+machines, and where it fails outright (NFS on a directory) the command runs unguarded, as before.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def exclusive_out(out: Path):
         except BlockingIOError:
             raise OutBusy(f"another hakd command is writing {out} right now; wait for it to end (or stop it), "
                           f"or use another --out") from None
+        except OSError:  # no flock on directories here (NFS emulates it with locks that need write access)
+            pass
         try:
             yield
         finally:

@@ -170,6 +170,8 @@ def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
                     raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
                                      f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run") from None
                 time.sleep(0.2)
+            except OSError:  # a filesystem without flock on directories (NFS emulates it, needing write access)
+                return
     finally:
         os.close(fd)
 
@@ -185,7 +187,10 @@ def _attach(store_path: str, names: list[str], spec: Spec, parent: int) -> None:
         store = CacheStore.open(store_path)
         fd = _store_fd(store_path)
         if fd is not None:  # held until this process exits, however it exits: see wait_for_other_writers
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:  # no flock on directories here (NFS): the store goes unguarded, as before
+                pass
         _child.update(store=store, lock=fd, segments=segments, arrays=[_views(s.buf, spec) for s in segments])
     except Exception as e:
         _child["error"] = e

@@ -42,3 +42,18 @@ def test_the_lock_dies_with_its_holder(tmp_path):
         holder.kill()
     with exclusive_out(out):  # not refused: the kernel dropped the dead holder's lock
         pass
+
+
+def test_a_filesystem_without_directory_locks_runs_unguarded(tmp_path, monkeypatch):
+    """NFS emulates flock with locks that need write access, so it fails on a directory: no lock, no refusal."""
+    import errno
+    import fcntl
+
+    from teacher_cache.writers import wait_for_other_writers
+
+    def unsupported(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with exclusive_out(tmp_path / "out"):
+        (tmp_path / "out" / "x").write_text("written")
+    wait_for_other_writers(str(tmp_path / "out"), timeout_s=0.1)  # returns: nothing to wait on
