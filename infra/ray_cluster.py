@@ -132,24 +132,43 @@ def _alive(p) -> bool:
         return False
 
 
+def _is_resource_tracker(p) -> bool:
+    import psutil
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _kill(procs: list, timeout: float) -> None:
+    import psutil
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 def _stop_descendants() -> None:
-    """SIGTERM every descendant (`ray start` then stops its processes), SIGKILL what remains after 3 s."""
+    """SIGTERM every descendant (`ray start` then stops its processes), SIGKILL what remains after 3 s.
+
+    Python's resource trackers go last: once every process they serve is gone, they unlink the shared
+    memory those left behind (the cache actors' unit buffers, /dev/shm); killed first, they would leak it."""
     import psutil
     me = psutil.Process()
     procs = me.children(recursive=True)
     for p in procs:
         try:
-            p.terminate()
+            p.terminate()  # resource trackers ignore it
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=3)
-    rest = {p.pid: p for p in alive + me.children(recursive=True)}  # also orphans re-parented meanwhile
-    for p in rest.values():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(rest.values()), timeout=2)
+    rest = list({p.pid: p for p in alive + me.children(recursive=True)}.values())  # and orphans re-parented meanwhile
+    trackers = [p for p in rest if _is_resource_tracker(p)]
+    _kill([p for p in rest if p not in trackers], timeout=2)
+    _, alive = psutil.wait_procs(trackers, timeout=5)  # they exit by themselves once the last client is gone
+    _kill(alive, timeout=2)
 
 
 def watch(parent_pid: int, cmd: list[str]) -> int:

@@ -1,6 +1,6 @@
 """`hakd cache` killed with SIGKILL while it writes, then run again: the stores end byte for byte as an
 uninterrupted run's (test_cache.base_run), and nothing of the killed run (its Ray cluster, actors, writer
-processes) is left to write into them."""
+processes, their shared memory) is left behind."""
 from __future__ import annotations
 
 import os
@@ -30,6 +30,7 @@ def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
     cfg, _, _, want = base_run
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
     log = open(tmp_path / "cache.log", "wb")
     cli = subprocess.Popen([sys.executable, "-m", "infra.cli", "cache", "--out", str(out), *SMALL],
                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -45,6 +46,7 @@ def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
         cli.wait(timeout=30)
         gone, alive = psutil.wait_procs(tree, timeout=60)  # its cluster, actors and writers stop with it
         assert not alive, [p.pid for p in alive]
+        assert set(Path("/dev/shm").glob("psm_*")) <= shm_before  # and the actors' unit buffers are freed
     finally:
         if cli.poll() is None:
             cli.kill()
