@@ -6,7 +6,7 @@ work however many there are. Measured on 2 cores writing ViT-B/16 units (194 MB 
 two writer threads 622-664 MB/s, two writer processes 824-907 MB/s; on an H200 the bare ViT-B/16
 forward produces 3.2 GB/s of them, which only several processes can encode and write.
 
-No bytes are copied between processes: each buffer slot is one shared-memory segment holding a whole
+No bytes are copied between processes: each buffer slot is one shared-memory file holding a whole
 unit (images, labels, views and the teacher's outputs), registered with CUDA as pinned memory, so
 the device copies each batch straight into it and a writer process maps the same pages. A slot
 returns to the pool once its unit is durable. Each unit is written by exactly one process (its own
@@ -24,7 +24,7 @@ import warnings
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import shared_memory
+from multiprocessing import heap
 
 import numpy as np
 
@@ -89,18 +89,22 @@ def writer_count(requested: int, spec: Spec, device: str) -> int:
 
 
 class SharedSlots:
-    """`count` unit-sized buffers in shared memory (pinned for CUDA copies with `pin`), handed out one at a time."""
+    """`count` unit-sized buffers in shared memory (pinned for CUDA copies with `pin`), handed out one at a time.
+
+    Each is a multiprocessing `Arena`: a file in /dev/shm that is unlinked as soon as it is made and reaches
+    the writer processes as a descriptor when they are spawned, so however the processes end (kill -9 of
+    the actor, its cluster stopped) no buffer outlives them; named segments leaked exactly then."""
 
     def __init__(self, spec: Spec, count: int, pin: bool):
         _, size = _offsets(spec)
         self.spec = spec
-        self.segments = [shared_memory.SharedMemory(create=True, size=size) for _ in range(count)]
-        self.arrays = [_views(s.buf, spec) for s in self.segments]
+        self.arenas = [heap.Arena(size) for _ in range(count)]
+        self.arrays = [_views(a.buffer, spec) for a in self.arenas]
         self.pinned = []
         if pin:  # page-locked: asynchronous device-to-host copies land here directly
             import torch
-            for s in self.segments:
-                ptr = np.frombuffer(s.buf, np.uint8).ctypes.data
+            for a in self.arenas:
+                ptr = np.frombuffer(a.buffer, np.uint8).ctypes.data
                 err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
                 if int(err) != 0:  # still correct unpinned, only the copies wait: say so, and go on
                     warnings.warn(f"cudaHostRegister of a {size >> 20} MiB cache buffer failed ({err}); its "
@@ -110,10 +114,6 @@ class SharedSlots:
         self.free: queue.Queue = queue.Queue()
         for i in range(count):
             self.free.put(i)
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.segments]
 
     def acquire(self) -> int:
         return self.free.get()  # blocks while every slot is being written: back-pressure on compute
@@ -127,11 +127,8 @@ class SharedSlots:
             for ptr in self.pinned:
                 torch.cuda.cudart().cudaHostUnregister(ptr)
             self.pinned = []
-        self.arrays = []  # the numpy views must go before the mappings can close
-        for s in self.segments:
-            s.close()
-            s.unlink()
-        self.segments = []
+        self.arrays = []  # the numpy views go first; the mappings and their files go with the last reference
+        self.arenas = []
 
 
 # ---------------------------------------------------------------------- the writer process side
@@ -176,14 +173,12 @@ def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
         os.close(fd)
 
 
-def _attach(store_path: str, names: list[str], spec: Spec, parent: int) -> None:
+def _attach(store_path: str, arenas: list, spec: Spec, parent: int) -> None:
     """Set up a writer process. A failure is kept and raised by its first write: an initializer's own
     exception would only break the pool, with the cause printed to the process's stderr."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     try:
         from teacher_cache.store import CacheStore
-        # spawned by the actor, so they share its resource tracker: it unlinks the segments if the actor dies
-        segments = [shared_memory.SharedMemory(name=name) for name in names]
         store = CacheStore.open(store_path)
         fd = _store_fd(store_path)
         if fd is not None:  # held until this process exits, however it exits: see wait_for_other_writers
@@ -191,7 +186,7 @@ def _attach(store_path: str, names: list[str], spec: Spec, parent: int) -> None:
                 fcntl.flock(fd, fcntl.LOCK_SH)
             except OSError:  # no flock on directories here (NFS): the store goes unguarded, as before
                 pass
-        _child.update(store=store, lock=fd, segments=segments, arrays=[_views(s.buf, spec) for s in segments])
+        _child.update(store=store, lock=fd, arenas=arenas, arrays=[_views(a.buffer, spec) for a in arenas])
     except Exception as e:
         _child["error"] = e
 
@@ -212,7 +207,7 @@ class WriterPool:
     def __init__(self, store_path: str, slots: SharedSlots, processes: int):
         self.slots = slots
         self.pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_attach,
-                                        initargs=(store_path, slots.names, slots.spec, os.getpid()))
+                                        initargs=(store_path, slots.arenas, slots.spec, os.getpid()))
         self._closed = weakref.finalize(self, WriterPool._shutdown, self.pool, slots)
 
     def submit(self, u: int, slot: int, rows: int) -> Future:

@@ -168,5 +168,5 @@ def test_worker_refuses_outputs_beyond_float16(tmp_path, monkeypatch):
     monkeypatch.setattr(w.teacher, "extract", overflowing)
     with pytest.raises(StoreError, match="unit 0: the teacher's outputs hold NaN, Inf or values beyond float16"):
         w.process(0)
-    assert w.slots.free.qsize() == len(w.slots.segments)  # its buffer slot went back to the pool
+    assert w.slots.free.qsize() == len(w.slots.arenas)  # its buffer slot went back to the pool
     assert ctx.store("teacher_cnn").pending_units() == list(range(ctx.store("teacher_cnn").layout.units))

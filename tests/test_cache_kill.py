@@ -15,6 +15,7 @@ import psutil
 from teacher_cache.job import ROLES, run_cache, store_path
 from teacher_cache.store import CacheStore
 from test_cache import SMALL, assert_same_arrays, base_run, snapshot  # noqa: F401 (base_run: a fixture)
+from test_cache_writers import _ours_in_shm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
     cfg, _, _, want = base_run
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    shm_before = set(Path("/dev/shm").glob("psm_*"))
+    shm_before = _ours_in_shm()
     log = open(tmp_path / "cache.log", "wb")
     cli = subprocess.Popen([sys.executable, "-m", "infra.cli", "cache", "--out", str(out), *SMALL],
                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -46,7 +47,7 @@ def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
         cli.wait(timeout=30)
         gone, alive = psutil.wait_procs(tree, timeout=60)  # its cluster, actors and writers stop with it
         assert not alive, [p.pid for p in alive]
-        assert set(Path("/dev/shm").glob("psm_*")) <= shm_before  # and the actors' unit buffers are freed
+        assert _ours_in_shm() <= shm_before  # and nothing of the actors' unit buffers is left in /dev/shm
     finally:
         if cli.poll() is None:
             cli.kill()

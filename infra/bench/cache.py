@@ -124,7 +124,7 @@ def writers_alone(ctx: Context, role: str, n: int) -> tuple[float, float]:
 
 def writer_scaling(ctx: Context, role: str) -> dict[str, list[float]]:
     """writers -> [image-views/s, stored MB/s] for 1, 2, 4, ... writer processes up to the worker's own count."""
-    top = len(ctx.worker(role).slots.segments) - 1
+    top = len(ctx.worker(role).slots.arenas) - 1
     counts = sorted({*(2 ** i for i in range(top.bit_length()) if 2 ** i < top), top})
     return {str(n): [sig(x) for x in writers_alone(ctx, role, n)] for n in counts}
 
@@ -168,7 +168,7 @@ def one_teacher(ctx: Context, role: str) -> dict:
             "ratio": sig(cache_s / bare_s), "layers": list(store.layout.layers),
             "written_mb_s": sig(cache_s * stored_per_input / 1e6),
             "bare_needs_mb_s": sig(bare_s * stored_per_input / 1e6),
-            "writers": len(w.slots.segments) - 1, "writers_img_s": writers_img_s, "writers_mb_s": writers_mb_s,
+            "writers": len(w.slots.arenas) - 1, "writers_img_s": writers_img_s, "writers_mb_s": writers_mb_s,
             "writers_scaling": scaling,
             "compression_ratio": sig(raw_per_input / stored_per_input),
             "stages_s_per_unit": stages}
