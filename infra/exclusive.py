@@ -21,25 +21,36 @@ class OutBusy(UserError, RuntimeError):
     """Another hakd command is writing this --out."""
 
 
+def lock_dir(path, op: int) -> int:
+    """Open directory `path` and flock it with `op` (fcntl.LOCK_SH / LOCK_EX, maybe | LOCK_NB); the returned
+    descriptor holds the lock until it is closed. BlockingIOError (descriptor closed) when LOCK_NB and another
+    holds it. Where a directory cannot be flocked (NFS emulates flock with locks that need write access) the
+    descriptor comes back unlocked: the caller goes on unguarded, as without the lock."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, op)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        pass
+    return fd
+
+
 @contextmanager
 def exclusive_out(out: Path):
     """Hold --out for this command; an --out this created and left empty is removed again."""
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutBusy(f"another hakd command is writing {out} right now; wait for it to end (or stop it), "
-                          f"or use another --out") from None
-        except OSError:  # no flock on directories here (NFS emulates it with locks that need write access)
-            pass
-        try:
-            yield
-        finally:
-            if created and not any(out.iterdir()):  # a run refused before writing leaves --out as it was
-                out.rmdir()
+        fd = lock_dir(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutBusy(f"another hakd command is writing {out} right now; wait for it to end (or stop it), "
+                      f"or use another --out") from None
+    try:
+        yield
     finally:
+        if created and not any(out.iterdir()):  # a run refused before writing leaves --out as it was
+            out.rmdir()
         os.close(fd)  # releases the lock

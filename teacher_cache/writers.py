@@ -28,6 +28,8 @@ from multiprocessing import heap
 
 import numpy as np
 
+from infra.exclusive import lock_dir
+
 ALIGN = 4096  # every array starts on its own page: aligned for the device copies and for numpy
 SHM = "/dev/shm"  # where Linux keeps shared memory: a tmpfs, often small in containers (docker: 64 MB)
 SHM_SHARE = 0.5  # at most this fraction of its free space goes to one actor's buffers
@@ -142,35 +144,24 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _store_fd(store_path: str) -> int | None:
-    """An open descriptor of a local store's directory (what the writers' lock is on); None for a URL."""
-    from infra.storage import is_url
-    return None if is_url(store_path) else os.open(store_path, os.O_RDONLY | os.O_DIRECTORY)
-
-
 def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
     """Return once no writer process holds the store: each holds a shared lock on its directory for its life,
     and those of a run killed with SIGKILL exit within seconds (with their actor). Raises after `timeout_s`.
     A local store only: flock does not reach other machines, and an object store has no such lock."""
+    from infra.storage import is_url
     from teacher_cache.store import StoreError
-    fd = _store_fd(store_path)
-    if fd is None:
+    if is_url(store_path):
         return
     deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return  # nobody writes; closing the descriptor lets this run's writers in
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
-                                     f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run") from None
-                time.sleep(0.2)
-            except OSError:  # a filesystem without flock on directories (NFS emulates it, needing write access)
-                return
-    finally:
-        os.close(fd)
+    while True:
+        try:
+            os.close(lock_dir(store_path, fcntl.LOCK_EX | fcntl.LOCK_NB))  # nobody writes: let this run's in
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
+                                 f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run") from None
+            time.sleep(0.2)
 
 
 def _attach(store_path: str, arenas: list, spec: Spec, parent: int) -> None:
@@ -179,14 +170,11 @@ def _attach(store_path: str, arenas: list, spec: Spec, parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     try:
         from teacher_cache.store import CacheStore
+        from infra.storage import is_url
         store = CacheStore.open(store_path)
-        fd = _store_fd(store_path)
-        if fd is not None:  # held until this process exits, however it exits: see wait_for_other_writers
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            except OSError:  # no flock on directories here (NFS): the store goes unguarded, as before
-                pass
-        _child.update(store=store, lock=fd, arenas=arenas, arrays=[_views(a.buffer, spec) for a in arenas])
+        # held until this process exits, however it exits: see wait_for_other_writers
+        lock = None if is_url(store_path) else lock_dir(store_path, fcntl.LOCK_SH)
+        _child.update(store=store, lock=lock, arenas=arenas, arrays=[_views(a.buffer, spec) for a in arenas])
     except Exception as e:
         _child["error"] = e
 
