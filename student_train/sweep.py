@@ -56,6 +56,13 @@ class Trial(NamedTuple):
         return f"{self.student}/{self.label}"
 
 
+def unread_keys(student: str) -> set[str]:
+    """train.* keys (without "train.") that other students' objectives read and this one's does not
+    (student_train.trainer.OBJECTIVE_KEYS): they cannot change what it learns."""
+    from student_train.trainer import OBJECTIVE_KEYS
+    return {k for keys in OBJECTIVE_KEYS.values() for k in keys} - set(OBJECTIVE_KEYS[student])
+
+
 def plan_trials(cfg: Config) -> list[Trial]:
     """Every (student, seed, grid point), students outermost; grid points in the order the sweep lists them.
 
@@ -63,13 +70,11 @@ def plan_trials(cfg: Config) -> list[Trial]:
     kinds' objectives read (student_train.trainer.OBJECTIVE_KEYS, e.g. train.kd_lambda for the independent
     student) is left out, so that student is trained once per seed for all the values of that key.
     """
-    from student_train.trainer import OBJECTIVE_KEYS
-
-    kind_specific = {key for keys in OBJECTIVE_KEYS.values() for key in keys}
     keys = list(cfg.sweep)
     trials = []
     for student in cfg.train.students:
-        mine = [k for k in keys if (name := k.split(".", 1)[1]) not in kind_specific or name in OBJECTIVE_KEYS[student]]
+        unread = unread_keys(student)
+        mine = [k for k in keys if k.split(".", 1)[1] not in unread]
         points = dict.fromkeys(tuple((k, v) for k, v in zip(keys, values) if k in mine)
                                for values in itertools.product(*(cfg.sweep[k] for k in keys)))
         trials += [Trial(student, seed, point) for point in points for seed in cfg.train.seeds]
@@ -84,13 +89,11 @@ def trial_config(cfg: Config, trial: Trial) -> Config:
     students' objectives read (student_train.trainer.OBJECTIVE_KEYS) hold their defaults, so that changing
     one, e.g. train.kd_lambda, does not retrain the independent student either.
     """
-    from student_train.trainer import OBJECTIVE_KEYS
-
     d = copy.deepcopy(cfg.to_dict())
     d["seed"] = trial.seed
     d["train"].update({"students": [trial.student], "seeds": [trial.seed]})
     defaults = TrainConfig()
-    for key in {k for keys in OBJECTIVE_KEYS.values() for k in keys} - set(OBJECTIVE_KEYS[trial.student]):
+    for key in unread_keys(trial.student):
         d["train"][key] = getattr(defaults, key)
     for key, value in trial.grid:
         d["train"][key.split(".", 1)[1]] = value
