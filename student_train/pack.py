@@ -10,7 +10,8 @@ are packed as int8 beside their float16 scales and dequantised on the device in 
 The file is rebuilt only when a cache changes or the file is damaged: `data.json` beside it records
 the identity and per-shard checksums of the stores it was packed from, and the file's own size and
 CRC-32C. The stores' parameter groups (the ViT's frozen last block) are copied beside it, checksummed
-too, so training reads nothing from the stores. The stores are checked by their recorded file checksums (disk speed), not by decoding them.
+too, so training reads nothing from the stores. The stores are checked by their recorded file
+checksums (disk speed), not by decoding them.
 """
 from __future__ import annotations
 
@@ -90,11 +91,15 @@ def _whole_pack(out_dir: Path, digest: str) -> dict | None:
         return None
     if meta.get("source_digest") != digest or meta.get("beton_bytes") != beton.stat().st_size or "params" not in meta:
         return None
-    for entry in meta["params"].values():
-        f = Path(out_dir) / entry["file"]
-        if not f.is_file() or file_crc32c(f) != entry["crc32c"]:
-            return None
+    if not all(_copy_whole(out_dir, entry) for entry in meta["params"].values()):
+        return None
     return meta if meta.get("beton_crc32c") == file_crc32c(beton) else None
+
+
+def _copy_whole(out_dir: Path, entry: dict) -> bool:
+    """A parameter file beside the packed one is there with its recorded CRC-32C."""
+    f = Path(out_dir) / entry["file"]
+    return f.is_file() and file_crc32c(f) == entry["crc32c"]
 
 
 def _write_params(opened: dict[str, CacheStore], out_dir: Path) -> dict[str, dict]:
@@ -115,11 +120,10 @@ def _write_params(opened: dict[str, CacheStore], out_dir: Path) -> dict[str, dic
 def packed_params(out_dir: Path, meta: dict, role: str, prefix: str) -> dict[str, np.ndarray]:
     """A parameter group as `pack` copied it beside the packed file (checked against its recorded CRC-32C)."""
     entry = meta.get("params", {}).get(f"{role}/{prefix}")
-    f = Path(out_dir) / entry["file"] if entry else None
-    if f is None or not f.is_file() or file_crc32c(f) != entry["crc32c"]:
+    if entry is None or not _copy_whole(out_dir, entry):
         raise StoreError(f"the packed cache in {out_dir} has no whole copy of {role}'s {prefix}/ weights; delete "
                          f"{out_dir} and re-run `hakd train`, which packs it again")
-    with np.load(f, allow_pickle=False) as z:
+    with np.load(Path(out_dir) / entry["file"], allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
