@@ -11,6 +11,7 @@ from infra.config import ConfigError, load_config
 from student_train.losses import KDObjective, gradient_shares
 from student_train.projectors import QKV_MAPS, relation_losses
 from student_train.students import STAGES, Student
+from teacher_cache.teachers import TEACHERS
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +173,31 @@ def test_logit_kd_contributions_keep_the_hinton_mix():
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     total, terms = objective(s, torch.zeros(4, dtype=torch.long), None, {"logits": t})
     torch.testing.assert_close(total, 0.1 * F.cross_entropy(s, torch.zeros(4, dtype=torch.long)) + 0.9 * terms["logit_kd"])
+
+
+# --- the live last block ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher", [name for name, spec in TEACHERS.items() if spec.kind == "vit"])
+def test_live_block_is_the_teachers_block(teacher):
+    """LastBlockTargets runs the block once, its own QKV feeding the attention: its tokens are the timm
+    block's output and its Q, K, V the block's own projections (float32, every registered ViT teacher)."""
+    from student_train.trainer import LastBlockTargets
+
+    spec = TEACHERS[teacher]
+    size = spec.input_size or 32
+    block = spec.build(10, size).blocks[-1]
+    for prm in block.parameters():  # away from the initialisation (LayerScale at 1, zero biases)
+        prm.data.add_(0.05 * torch.randn_like(prm))
+    live = LastBlockTargets(teacher, 10, size, {k: v.numpy() for k, v in block.state_dict().items()})
+    tokens = torch.randn(2, live.grid[0] * live.grid[1] + live.prefix, live.block.norm1.normalized_shape[0])
+    out = live(tokens)
+    block.eval()
+    with torch.no_grad():
+        want = block(tokens)[:, live.prefix:]
+        b, n, d = tokens.shape
+        qkv = block.attn.qkv(block.norm1(tokens)).reshape(b, n, 3, live.heads, d // live.heads).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(out["h"], want, rtol=1e-4, atol=1e-4)
+    for i, name in enumerate("qkv"):
+        torch.testing.assert_close(out[name], qkv[i][:, :, live.prefix:], rtol=1e-5, atol=1e-5)
+
