@@ -68,8 +68,10 @@ def test_cache_train_loader_lines(gpu_set):
         _check(line, line["bench"])
     cache, train, loader = lines
     assert set(cache["teachers"]) == {"vit_demo", "wrn_demo"}
-    for fig in cache["teachers"].values():
+    for name, fig in cache["teachers"].items():
         assert fig["bare_forward_img_s"] > 0 and fig["cache_img_s"] > 0 and fig["ratio"] > 0
+        judged = "steady_over_disk" if fig["bound"] == "disk" else "steady_ratio"
+        assert set(cache["targets"]) >= {f"teachers.{name}.{judged}"} and "steady_cache_img_s" in fig
     assert train["student"] == "resnet_demo" and train["params"]["batch"] == 8
     assert "offline_over_resident" in train["targets"]
     assert {"ratio", "ffcv_over_student"} <= set(loader["targets"])
@@ -84,7 +86,7 @@ def test_results_file_and_table(gpu_set):
     md = table.render(files)
     rows = [r for r in md.splitlines() if r.startswith("| cpu-")]
     assert md.splitlines()[0].startswith("| device | date | commit | figure | value | target | met |")
-    assert any("cache: teachers.vit_demo.ratio" in r and ">= 0.9" in r for r in rows)
+    assert any("cache: teachers.vit_demo.steady_" in r and ">= 0.9" in r for r in rows)
     assert any("train: offline_over_resident" in r for r in rows)
     assert any("loader: ratio" in r for r in rows)
     assert table.main([str(results)]) == 0
@@ -143,7 +145,28 @@ def test_gpu_script_is_valid_bash():
     script = ROOT / "infra" / "bench" / "gpu.sh"
     subprocess.run([bash, "-n", str(script)], check=True)
     text = script.read_text()
-    assert "infra.bench.run gpu" in text and "WHEELS" in text
+    assert "BENCHES=${BENCHES:-gpu}" in text and "EXTRAS" in text and "WHEELS" in text
+    bad = subprocess.run([bash, str(script)], env={"PATH": "/usr/bin:/bin", "EXTRAS": "nope"}, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "EXTRAS: unknown extra run 'nope'" in bad.stderr
+
+
+def test_a_comma_separated_list_runs_in_order_and_writes_the_results_file(tmp_path, monkeypatch, capsys):
+    from infra.bench.common import header
+    from infra.errors import UserError
+    assert bench_run.bench_names("cache,") == ["cache"] and bench_run.writes_results("cache,")
+    assert not bench_run.writes_results("cache")
+    for bad in ("cache,nope", ","):
+        with pytest.raises(UserError):
+            bench_run.bench_names(bad)
+    seen = []
+    monkeypatch.setattr(bench_run, "run_one", lambda name, ctx: seen.append(name) or {**header(name, ctx.p)})
+    results = tmp_path / "results"
+    assert bench_run.cli(["train,cache", "--device", "cpu", "--tiny", "--out", str(results)]) == 0
+    assert seen == ["cache", "train"]  # the usual order, whatever the list's
+    assert [l["bench"] for l in _lines(capsys.readouterr().out)] == ["cache", "train"]
+    assert set(json.loads(next(results.glob("*.json")).read_text())["benches"]) == {"cache", "train"}
+    assert bench_run.cli(["cache,nope", "--tiny"]) == 2
 
 
 def test_calibration_brings_an_overflowing_random_teacher_into_float16_range(tmp_path):

@@ -62,6 +62,9 @@ class Profile:
     feature_dtype: str = "float16"  # cache: cache.feature_dtype
     writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto, teacher_cache/writers.py)
     disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
+    cache_images: int = 0          # cache: images of the cache bench's own stores (0 = n_images; the images repeated)
+    cache_repeats: int = 0         # cache: timed repeats of each of its four runs (0 = repeats)
+    breakdown_units: int = 4       # cache: units of the serial per-stage pass
     calibration_images: int = 64   # teachers: generated images whose forwards set the random teachers' BatchNorm statistics
 
 
@@ -77,7 +80,8 @@ PROFILES = {
                    n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
                    loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
                    train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
-                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256),  # analyze: 4 batches of 256 per measure
+                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256,  # analyze: 4 batches of 256 per measure
+                   cache_images=8192, cache_repeats=2),  # cache: 32 units of 256 images x 2 views per teacher
     # tests and `--tiny`: every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
                     loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
@@ -117,12 +121,16 @@ def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[st
                             f", or profile=cpu|gpu|tiny, device=cpu|cuda")
         value, want = yaml.safe_load(raw), type(getattr(p, key))
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if not ok or (want is int and value < (0 if key in ("threads", "writers") else 1)):
+        zero_ok = key in ("threads", "writers", "cache_images", "cache_repeats")  # 0 = auto / as another field
+        if not ok or (want is int and value < (0 if zero_ok else 1)):
             raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
         p = dataclasses.replace(p, **{key: value})
     if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
         raise UserError(f"bench profile {p.name}: need chunk_size | shard_size, n_images >= 2 * train_batch, "
                         f"views >= 2 (got {p.chunk_size}, {p.shard_size}, {p.n_images}, {p.train_batch}, {p.views})")
+    if (p.cache_images or p.n_images) < 2 * p.shard_size:  # its steady-state rate needs two units at least
+        raise UserError(f"bench profile {p.name}: cache_images (0 = n_images) must be >= 2 * shard_size = "
+                        f"{2 * p.shard_size} (got {p.cache_images or p.n_images})")
     return p
 
 

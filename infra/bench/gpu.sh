@@ -14,9 +14,12 @@
 # At 224 px, bf16 autocast + channels_last, random weights (BatchNorm statistics calibrated on the generated
 # images, so that activations have a trained network's scale), generated images, no downloads:
 #   cache   ViT-B/16 (vit_b16_clip) and WRN-101 (wrn101): bare teacher forward vs the cache path
-#           (CacheWorker compute + side-stream copies into pinned buffers + Zarr shard writes on writer
-#           threads), images/s; seconds per unit in each stage (compute, copy, encode, checksum, write,
-#           verify), the bytes/s the bare forward would need, and the disk's own write rate with fsync
+#           (CacheWorker compute + side-stream copies into pinned buffers + Zarr shard writes in writer
+#           processes) over the bench's own stores of 8,192 images x 2 views (32 units each), images/s over
+#           a whole run and in the steady state (the judged steady_ratio, or steady_over_disk where the disk
+#           cannot take the bare forward's bytes); seconds per unit in each stage (compute, copy, encode,
+#           checksum, write, verify; 4 units), the bytes/s the bare forward would need, the disk's own write
+#           rate with fsync, and what 1, 2, 4, ... writer processes sustain alone
 #   cache_shm   the same with the stores in /dev/shm (RAM): the pipeline without the disk
 #   train   ResNet-50 step time: plain CE / resident KD / offline KD fed by FFCV / online KD with
 #           ViT-B/16 run live (KD = PCA + GL)
@@ -24,12 +27,15 @@
 #   analyze images/s per analysis measure (ResNet-50, WRN-101, ViT-B/16, bf16 where the measure allows) and the
 #           projected time of the paper's CIFAR-10 analysis of five models (needs grad-cam: kit-extra.sh)
 # Prints one JSON line per benchmark (stdout; progress on stderr) and writes
-# infra/bench/results/<gpu-name>-<date>.json after each benchmark (cache_shm and analyze are added to it at the end);
+# infra/bench/results/<gpu-name>-<date>.json after each benchmark (the extra runs, cache_shm and analyze, are added
+# to it at the end);
 # with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
 # A benchmark that fails or is cut off by its time limit does not stop the others: the results file records it as
 # {"error": "..."} and the script exits with the first non-zero status among its runs.
 #
-# Environment variables: PYTHON (default .venv/bin/python where the checkout has one, else python3), DEVICE
+# Environment variables: BENCHES (what the main run measures, default gpu = cache,train,loader; any comma-separated
+# list of cache, train, loader, analyze, e.g. BENCHES=cache,train, or BENCHES=cache, for one), EXTRAS (the extra
+# runs, default "cache_shm analyze"; empty = none), PYTHON (default .venv/bin/python where the checkout has one, else python3), DEVICE
 # (default cuda; `DEVICE=cpu bash infra/bench/gpu.sh --tiny` checks the whole script in a few minutes on a
 # machine without a GPU), BENCH_TIMEOUT (seconds for cache, train and loader, default 330), SHM_TIMEOUT
 # (seconds for cache_shm, default 60), ANALYZE_TIMEOUT (seconds for analyze, default 90), WHEELS (folder of
@@ -55,6 +61,11 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi  # the checkout's own (not carried)
 DEVICE=${DEVICE:-cuda}
+BENCHES=${BENCHES:-gpu}
+EXTRAS=${EXTRAS-cache_shm analyze}  # set and empty: no extra runs
+for x in $EXTRAS; do
+  case $x in cache_shm|analyze) ;; *) echo "gpu.sh: EXTRAS: unknown extra run '$x' (cache_shm, analyze)" >&2; exit 2 ;; esac
+done
 if [[ $DEVICE == cpu ]]; then  # a check of the script on a (shared, slow) CPU machine, not a measurement
   LIMIT=${BENCH_TIMEOUT:-600}; SHM_LIMIT=${SHM_TIMEOUT:-300}; ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-300}
 else
@@ -129,7 +140,9 @@ errlog=$(mktemp)
 start=$SECONDS
 status=0
 set +e
-timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" \
+what=$BENCHES
+if [[ $what != gpu && $what != all && $what != *,* ]]; then what+=,; fi  # a list, even of one, writes the results file
+timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" -m infra.bench.run "$what" --device "$DEVICE" "$@" \
   2> >(tee "$errlog" >&2) | tee "$lines"
 rc=${PIPESTATUS[0]}
 echo "gpu.sh: python exited with $rc after $((SECONDS - start)) s (124 = hit BENCH_TIMEOUT=$LIMIT)" >&2
@@ -146,10 +159,12 @@ why() {  # why RC LIMIT-NAME LIMIT: what an exit status means, for the results f
 # the results file: named by the run's log after every benchmark it finished; if it finished none, ask for the name
 results=$(sed -n 's/^\[bench\] results written to //p' "$errlog" | tail -1)
 if [[ -z "$results" ]]; then
-  results=$("$PY" -m infra.bench.run gpu --device "$DEVICE" "$@" --results-path 2>/dev/null | tail -1)
+  results=$("$PY" -m infra.bench.run "$what" --device "$DEVICE" "$@" --results-path 2>/dev/null | tail -1)
 fi
 if [[ -n "$results" && $rc != 0 ]]; then  # benches the run was in, or never reached, when it died
-  "$PY" -m infra.bench.merge "$results" cache train loader --rc "$rc" --why "$(why "$rc" BENCH_TIMEOUT "$LIMIT")"
+  names=$("$PY" -c 'import sys; from infra.bench.run import bench_names; print(*bench_names(sys.argv[1]))' "$what")
+  # shellcheck disable=SC2086  # one word per bench name
+  "$PY" -m infra.bench.merge "$results" $names --rc "$rc" --why "$(why "$rc" BENCH_TIMEOUT "$LIMIT")"
 fi
 
 # extra runs merged into the results file under their own key: the cache bench again with its stores in RAM
@@ -167,8 +182,12 @@ extra() {  # extra KEY LIMIT-NAME LIMIT ARGS...: run `infra.bench.run ARGS`, add
   if [[ -n "${OUT:-}" ]]; then cat "$tmp" >> "$lines"; fi
   rm -f "$tmp"
 }
-extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm repeats=2
-extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@"
+for x in $EXTRAS; do
+  case $x in
+    cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm cache_repeats=2 ;;
+    analyze) extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@" ;;
+  esac
+done
 set -e
 if [[ -n "$results" && -f "$results" ]]; then
   echo "gpu.sh: results in $results" >&2

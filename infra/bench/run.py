@@ -3,7 +3,9 @@
 Each benchmark prints one JSON line on stdout (progress goes to stderr). `all` runs the four and
 writes `<results>/<device>-<date>.json` (default results dir: infra/bench/results/, or the system
 temp dir for the tiny profile; `hakd bench all --out DIR` writes there instead). `gpu` is the set
-infra/bench/gpu.sh runs: cache, train, loader.
+infra/bench/gpu.sh runs: cache, train, loader. `python -m infra.bench.run` also takes a comma-separated
+list of benchmarks and sets (`cache,train`; `cache,` is a list of one): they run in the usual order
+(cache, train, loader, analyze) and are written to the results file like a set.
 
 A benchmark that fails does not stop the others: its line is {"error": "<one line>"} (the traceback
 goes to stderr), the results file is rewritten after every benchmark, and the exit status is 1 at
@@ -38,6 +40,24 @@ NEEDS = {"cache": ["torch", "timm", "zarr", "numcodecs"], "train": ["torch", "ti
          "analyze": ["torch", "timm", "pytorch_grad_cam", "scipy"]}  # + ray for the CPU profiles' worker figures
 SETS = {"all": ["cache", "train", "loader", "analyze"], "gpu": ["cache", "train", "loader"]}
 ORDER = ["cache", "train", "loader", "analyze"]  # train before loader: it measures the student's rate
+
+
+def bench_names(what: str) -> list[str]:
+    """The benchmarks `what` names: one, a set (all, gpu) or a comma-separated list of those."""
+    names = []
+    for w in filter(None, what.split(",")):  # `cache,`: a list of one, which writes a results file
+        if w not in SETS and w not in ORDER:
+            raise UserError(f"unknown benchmark {w!r} in {what!r}; name one or more (comma-separated) of "
+                            f"{', '.join([*ORDER, *SETS])}")
+        names += SETS.get(w, [w])
+    if not names:
+        raise UserError(f"no benchmark in {what!r}; name one or more (comma-separated) of {', '.join([*ORDER, *SETS])}")
+    return names
+
+
+def writes_results(what: str) -> bool:
+    """A set or a list writes a results file; one benchmark only prints its line."""
+    return what in SETS or "," in what
 
 
 def run_one(name: str, ctx: Context) -> dict:
@@ -135,9 +155,9 @@ def main(args) -> int:
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"bench: device={device} is not one of auto, cpu, cuda")
     p = resolve_profile(profile, device, rest)
-    names = SETS.get(args.what, [args.what])
+    names = bench_names(args.what)
     results = None
-    if args.what in SETS:
+    if writes_results(args.what):
         out = getattr(args, "out", None)
         if out and out != DEFAULT_OUT:
             results = Path(out)
@@ -147,10 +167,11 @@ def main(args) -> int:
             results = Path(tempfile.gettempdir()) / "hakd-bench-results"
     if getattr(args, "results_path", False):  # gpu.sh: where to record benches whose run died before writing
         if results is None:
-            raise UserError(f"--results-path: `{args.what}` writes no results file (only {', '.join(SETS)} do)")
+            raise UserError(f"--results-path: `{args.what}` writes no results file (only {', '.join(SETS)} "
+                            f"and comma-separated lists do)")
         print(results_file(p, results))
         return 0
-    log(f"profile {p.name} on {device_slug(p.device)}: {', '.join(names)}")
+    log(f"profile {p.name} on {device_slug(p.device)}: {', '.join(n for n in ORDER if n in names)}")
     lines = run_set(names, p, results, copy_to=getattr(args, "copy_to", None))
     failed = [line["bench"] for line in lines if "error" in line]
     if failed:
@@ -160,7 +181,7 @@ def main(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m infra.bench.run", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("cache", "loader", "train", "analyze", "all", "gpu"))
+    ap.add_argument("what", help=f"one of {', '.join([*ORDER, *SETS])}, or several, comma-separated (cache,train)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--profile", default="auto", choices=("auto", "cpu", "gpu", "tiny"))
     ap.add_argument("--tiny", action="store_true", help="the tiny profile: every code path in seconds")
