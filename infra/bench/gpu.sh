@@ -33,11 +33,12 @@
 # A benchmark that fails or is cut off by its time limit does not stop the others: the results file records it as
 # {"error": "..."} and the script exits with the first non-zero status among its runs.
 #
-# Environment variables: BENCHES (what the main run measures, default gpu = cache,train,loader; any comma-separated
-# list of cache, train, loader, analyze, e.g. BENCHES=cache,train, or BENCHES=cache, for one), EXTRAS (the extra
-# runs, default "cache_shm analyze"; empty = none), PYTHON (default .venv/bin/python where the checkout has one, else python3), DEVICE
+# Environment variables: BENCHES (what the main run measures, in the usual order: default gpu = cache,train,loader;
+# any comma-separated list of cache, train, loader, analyze, e.g. BENCHES=cache,train; written to the results file
+# whatever it holds), EXTRAS (the extra runs, default "cache_shm analyze"; empty = none), PYTHON (default
+# .venv/bin/python where the checkout has one, else python3), DEVICE
 # (default cuda; `DEVICE=cpu bash infra/bench/gpu.sh --tiny` checks the whole script in a few minutes on a
-# machine without a GPU), BENCH_TIMEOUT (seconds for cache, train and loader, default 330), SHM_TIMEOUT
+# machine without a GPU), BENCH_TIMEOUT (seconds for the BENCHES run, default 330), SHM_TIMEOUT
 # (seconds for cache_shm, default 60), ANALYZE_TIMEOUT (seconds for analyze, default 90), WHEELS (folder of
 # wheels and .deb files to install first; default .whl if present and DEVICE is not cpu). The three limits
 # together: 8 minutes (with DEVICE=cpu: 600, 300 and 300 s, for a busy 2-core machine).
@@ -184,7 +185,8 @@ extra() {  # extra KEY LIMIT-NAME LIMIT ARGS...: run `infra.bench.run ARGS`, add
 }
 for x in $EXTRAS; do
   case $x in
-    cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm cache_repeats=2 ;;
+    cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm \
+                 cache_repeats=2 ;;
     analyze) extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@" ;;
   esac
 done
