@@ -30,7 +30,8 @@ nothing overlapped, written in this process), in seconds per unit:
   verify     what `hakd verify` spends on the unit (the cache path itself re-reads nothing)
 With `bare_needs_mb_s` (the stored bytes per second the bare forward would produce), the disk's
 own sequential write rate with fsync (`disk_write_mb_s`, a short dd-like write into the store's
-folder) and what the worker's writer processes sustain on their own (`writers_img_s`, `writers_mb_s`:
+folder; `disk_parallel_write_mb_s`: the same bytes as `disk_streams` files written at once, as writer
+processes write) and what the worker's writer processes sustain on their own (`writers_img_s`, `writers_mb_s`:
 max(2n, 8) units already in memory, every writer busy, into a scratch store beside the real one; and the same
 for 1, 2, 4, ... writers in `writers_scaling`), a shortfall is attributable to the disk, to
 encoding, or to the rest of the pipeline, and `cache.writers` can be sized. `store_dir=/dev/shm` puts the
@@ -42,6 +43,7 @@ import gc
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +60,31 @@ def bare_unit(worker, u: int) -> None:
         pass
 
 
-def disk_write_mb_s(folder: Path, mb: int) -> float:
-    """Sequential write rate into `folder` with fsync at the end (like `dd conv=fsync bs=8M`), MB/s."""
+def disk_write_mb_s(folder: Path, mb: int, streams: int = 1) -> float:
+    """Write rate into `folder` of `streams` files written at once (threads: os.write releases the GIL),
+    `mb` MB in all, each fsynced at its end (one stream: like `dd conv=fsync bs=8M`), MB/s. Several
+    streams are how the writer processes write: whether the disk takes them as fast as one is the disk's."""
     block = os.urandom(8 << 20)
-    path = Path(folder) / "disk-probe.bin"
+    per_stream = max(1, (mb << 20) // streams // len(block)) * len(block)
+
+    def one(i: int) -> int:
+        path = Path(folder) / f"disk-probe-{i}.bin"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            written = 0
+            while written < per_stream:
+                written += os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
     start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        written = 0
-        while written < mb << 20:
-            written += os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with ThreadPoolExecutor(streams) as pool:
+        written = sum(pool.map(one, range(streams)))
     seconds = time.perf_counter() - start
-    path.unlink()
+    for i in range(streams):
+        (Path(folder) / f"disk-probe-{i}.bin").unlink()
     return written / seconds / 1e6
 
 
@@ -242,7 +254,10 @@ def measure(ctx: Context, store, w, disk: float) -> dict:
 def run(ctx: Context) -> dict:
     p = ctx.p
     disk = disk_write_mb_s(ctx.store_dir, p.disk_probe_mb)
-    log(f"disk: {disk:.0f} MB/s sequential with fsync into {ctx.store_dir}")
+    streams = max(2, (os.cpu_count() or 2) - 1)  # as many as auto writers on a one-GPU node
+    disk_parallel = disk_write_mb_s(ctx.store_dir, p.disk_probe_mb, streams)
+    log(f"disk: {disk:.0f} MB/s sequential with fsync into {ctx.store_dir}; {disk_parallel:.0f} MB/s as "
+        f"{streams} files written at once")
     rows = {}
     for role in ROLES:
         rows[role] = one_teacher(ctx, role, disk)
@@ -256,7 +271,7 @@ def run(ctx: Context) -> dict:
     c = ctx.cfg.cache
     line = {**header("cache", p), "teacher": first["teacher"], "bare_forward_img_s": first["bare_forward_img_s"],
             "cache_img_s": first["cache_img_s"], "ratio": first["ratio"], "steady_ratio": first["steady_ratio"],
-            "disk_write_mb_s": sig(disk),
+            "disk_write_mb_s": sig(disk), "disk_parallel_write_mb_s": sig(disk_parallel), "disk_streams": streams,
             "teachers": {r["teacher"]: {k: v for k, v in r.items() if k != "teacher"} for r in rows.values()},
             "params": {"images": p.cache_images or p.n_images, "views": p.views, "image_size": p.image_size,
                        "batch": p.cache_batch, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
