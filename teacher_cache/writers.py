@@ -164,10 +164,11 @@ def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def _attach(store_path: str, arenas: list, spec: Spec, parent: int) -> None:
+def _attach(store_path: str, arenas: list, spec: Spec, parent: int, board) -> None:
     """Set up a writer process. A failure is kept and raised by its first write: an initializer's own
     exception would only break the pool, with the cause printed to the process's stderr."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    _child["board"] = np.frombuffer(board.buffer, np.int64)
     try:
         from teacher_cache.store import CacheStore
         from infra.storage import is_url
@@ -177,6 +178,17 @@ def _attach(store_path: str, arenas: list, spec: Spec, parent: int) -> None:
         _child.update(store=store, lock=lock, arenas=arenas, arrays=[_views(a.buffer, spec) for a in arenas])
     except Exception as e:
         _child["error"] = e
+
+
+def _ready(i: int, timeout_s: float) -> int:
+    """Start-up task i: sign the board, then wait until every process has signed it. Each task thus holds
+    its process until all have started, so no process takes two and every one is running when they end."""
+    board = _child["board"]
+    board[i] = os.getpid()
+    deadline = time.monotonic() + timeout_s
+    while not board.all() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()
 
 
 def _write(u: int, slot: int, rows: int) -> dict[str, float]:
@@ -189,14 +201,29 @@ def _write(u: int, slot: int, rows: int) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in store.seconds.items()}
 
 
+STARTUP_TIMEOUT_S = 120.0
+
+
 class WriterPool:
     """`processes` writer processes over one store, reading units from `slots`."""
 
     def __init__(self, store_path: str, slots: SharedSlots, processes: int):
         self.slots = slots
+        self._board = heap.Arena(8 * processes)  # one pid per process that has started (zero-filled)
         self.pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_attach,
-                                        initargs=(store_path, slots.arenas, slots.spec, os.getpid()))
+                                        initargs=(store_path, slots.arenas, slots.spec, os.getpid(), self._board))
         self._closed = weakref.finalize(self, WriterPool._shutdown, self.pool, slots)
+        # Every process starts now, not on demand: the executor spawns one per submit and hands queued tasks
+        # to whichever has started, so the first units would wait for interpreters to start and import
+        # (seconds under gVisor on the H200) and a benchmark's first timed run would pay for it. The start-up
+        # tasks hold their processes until all have signed the board; a failed set-up is raised by the first
+        # write, and one that cannot start at all leaves `pids` short after the timeout.
+        try:
+            futures = [self.pool.submit(_ready, i, STARTUP_TIMEOUT_S) for i in range(processes)]
+            self.pids = sorted({f.result() for f in futures})
+        except BrokenProcessPool:
+            self.close()
+            raise _died() from None
 
     def submit(self, u: int, slot: int, rows: int) -> Future:
         """Write unit u from `slot` in a writer process; the slot is released when the write has ended."""

@@ -50,6 +50,22 @@ def test_writer_processes_write_the_same_store(tmp_path):
     assert slots.arenas == []  # closed
 
 
+def test_every_writer_process_runs_before_the_first_unit(tmp_path):
+    """The pool starts all its processes when it is built (the executor would spawn one per busy submit, so
+    the first units would wait for interpreters to start, and a benchmark's first timed run with them)."""
+    import psutil
+    path = tmp_path / "s.zarr"
+    CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE)
+    slots = SharedSlots(LAYOUT.unit_spec(), 4, pin=False)
+    pool = WriterPool(str(path), slots, 3)
+    try:
+        assert len(pool.pids) == 3
+        children = {c.pid for c in psutil.Process().children(recursive=True)}
+        assert set(pool.pids) <= children
+    finally:
+        pool.close()
+
+
 def test_writer_error_reaches_the_caller(tmp_path):
     """A writer process that cannot open the store raises the store's own error at the first write."""
     slots = SharedSlots(LAYOUT.unit_spec(), 2, pin=False)
