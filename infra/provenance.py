@@ -35,12 +35,25 @@ def git_commit() -> str:
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
+def commit() -> str:
+    """The commit of this tree. git's answer when it names a commit the files match (clean); otherwise that of a
+    source stamp that still matches every tracked file, else git's answer as it is. A tree copied to another
+    machine (a GPU machine, a cluster node) has no git state of its own, or another one (on the GPU machine git
+    named an older commit, dirty): `python -m infra.bench.stamp` in the checkout before the copy writes the
+    stamp that travels with it."""
+    from infra.bench.stamp import stamped_commit
+    answer = git_commit()
+    if answer != "unknown" and not answer.endswith("-dirty"):
+        return answer
+    return stamped_commit() or answer
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def provenance(cfg: Config) -> dict:
-    return {"versions": versions(), "commit": git_commit(), "created": now(), "config_digest": cfg.digest(),
+    return {"versions": versions(), "commit": commit(), "created": now(), "config_digest": cfg.digest(),
             "config": cfg.to_dict()}
 
 
@@ -48,5 +61,5 @@ def write_run_info(directory: Path, cfg: Config, **extra) -> None:
     """`config.yaml` (resolved) and `run.json` (versions, commit, time, extra) in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_config(cfg))
-    info = {"versions": versions(), "commit": git_commit(), "created": now(), "config_digest": cfg.digest(), **extra}
+    info = {"versions": versions(), "commit": commit(), "created": now(), "config_digest": cfg.digest(), **extra}
     (directory / "run.json").write_text(json.dumps(info, indent=2))

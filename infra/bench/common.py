@@ -181,7 +181,7 @@ def device_name(device: str) -> str:
 
 
 def header(bench: str, p: Profile) -> dict:
-    from infra.bench.stamp import commit
+    from infra.provenance import commit
     from infra.provenance import now, versions
     return {"bench": bench, "device": device_slug(p.device), "device_name": device_name(p.device),
             "profile": p.name, "created": now(), "commit": commit(), "versions": versions(),

@@ -40,7 +40,7 @@ def last_line(path: Path) -> dict | None:
 
 def merge(results: Path, entries: dict[str, dict]) -> dict:
     """Put `entries` (key -> bench line) into the results file's benches; returns the document written."""
-    from infra.bench.stamp import commit
+    from infra.provenance import commit
     results = Path(results)
     if results.exists():
         doc = json.loads(results.read_text())

@@ -120,7 +120,7 @@ def results_file(p: Profile, results_dir: Path) -> Path:
 
 
 def write_results(lines: list[dict], p: Profile, results_dir: Path, seconds: float, memo: dict | None = None) -> Path:
-    from infra.bench.stamp import commit
+    from infra.provenance import commit
     from infra.provenance import now, versions
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)

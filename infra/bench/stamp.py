@@ -6,8 +6,9 @@ tree copied at fd87b1f). So before each device call, the stamp is written here: 
 tracked files differ from it, and a git blob hash of every tracked file as it is now. It lies in
 `infra/bench/source-stamp.json`, untracked and not ignored, so it travels with the tree.
 
-`commit()` believes the stamp only while every tracked file it lists still hashes the same, so a
-stamp left behind after a commit or an edit is ignored and git is asked, as everywhere else.
+`infra.provenance.commit()`, which every output's provenance records, believes the stamp only where git
+names no clean commit and every tracked file the stamp lists still hashes the same, so a stamp left
+behind after a commit or an edit is ignored.
 """
 from __future__ import annotations
 
@@ -57,11 +58,6 @@ def stamped_commit(stamp: Path = STAMP, root: Path = ROOT) -> str | None:
     if any(blob_hash(root / f) != h for f, h in files.items()):
         return None
     return sha + ("-dirty" if doc.get("dirty") else "")
-
-
-def commit() -> str:
-    """The commit of this tree: from a stamp that still matches it, else from git."""
-    return stamped_commit() or git_commit()
 
 
 def main(argv: list[str]) -> int:
