@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_cache.bias import occlude_patches
+from teacher_cache.bias import occlusion_cells, patch_index
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -50,20 +50,27 @@ def occlusion_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     same seeded generator, so each image gets the same patch order and the occluded sets are nested
     (fraction 0.5 covers a superset of fraction 0.25). Returns {"fraction": [...], "accuracy": [...]}.
     """
-    fill = images.mean(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy().astype(np.float32)
+    fill = images.mean(dim=(0, 2, 3), dtype=torch.float64).float()
     accs = []
     for fraction in fractions:
-        rng = np.random.default_rng(seed)
-
-        def occlude(x: torch.Tensor) -> torch.Tensor:
-            # The shared helper works on NHWC numpy arrays; the batches are consumed in order,
-            # so the result does not depend on batch_size.
-            nhwc = x.permute(0, 2, 3, 1).cpu().numpy()
-            out = occlude_patches(nhwc, fraction, grid, rng, fill=fill)
-            return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device)
-
-        accs.append(accuracy(model, images, labels, batch_size, transform=occlude))
+        rng = np.random.default_rng(seed)  # the batches are consumed in order: no dependence on batch_size
+        accs.append(accuracy(model, images, labels, batch_size,
+                             transform=lambda x: occlude_batch(x, fraction, grid, rng, fill)))
     return {"fraction": list(fractions), "accuracy": accs}
+
+
+def occlude_batch(x: torch.Tensor, fraction: float, grid: int, rng: np.random.Generator,
+                  fill: torch.Tensor) -> torch.Tensor:
+    """teacher_cache.bias.occlude_patches for a (B, C, H, W) batch on its own device: the same draws and pixels,
+    without taking the batch to the host (the patch choice is B x grid x grid booleans; the rest is one where)."""
+    cells = occlusion_cells(len(x), fraction, grid, rng)
+    if cells is None:
+        return x
+    h, w = x.shape[-2:]
+    rows = torch.from_numpy(patch_index(h, grid)).to(x.device)
+    cols = torch.from_numpy(patch_index(w, grid)).to(x.device)
+    mask = torch.from_numpy(cells).to(x.device)[:, rows[:, None], cols[None, :]]  # (B, H, W)
+    return torch.where(mask[:, None], fill.to(x.device, x.dtype)[None, :, None, None], x)
 
 
 def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

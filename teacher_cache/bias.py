@@ -60,6 +60,25 @@ def texture_images(texture_ids: np.ndarray, size: int, rng: np.random.Generator)
     return out
 
 
+def occlusion_cells(n: int, fraction: float, grid: int, rng: np.random.Generator) -> np.ndarray | None:
+    """(n, grid, grid) bool: the patches each of n images loses, `fraction` of them, drawn independently per
+    image (one permutation per image, in order); None when the fraction drops no patch (and draws nothing)."""
+    n_drop = int(round(fraction * grid * grid))
+    if n_drop == 0:
+        return None
+    cells = np.zeros((n, grid * grid), dtype=bool)
+    for i in range(n):
+        cells[i, rng.permutation(grid * grid)[:n_drop]] = True
+    return cells.reshape(n, grid, grid)
+
+
+def patch_index(size: int, grid: int) -> np.ndarray:
+    """The patch row (or column) of every pixel row (or column): patches are split at
+    np.linspace(0, size, grid + 1).round(), so they tile the image whatever `size` and `grid`."""
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    return np.searchsorted(edges, np.arange(size), side="right") - 1
+
+
 def occlude_patches(images: np.ndarray, fraction: float, grid: int, rng: np.random.Generator,
                     fill: np.ndarray | None = None) -> np.ndarray:
     """Cover `fraction` of a grid x grid patch partition of each image with `fill` (default: the mean).
@@ -69,17 +88,12 @@ def occlude_patches(images: np.ndarray, fraction: float, grid: int, rng: np.rand
     """
     n, h, w, c = images.shape
     out = images.copy()
-    n_drop = int(round(fraction * grid * grid))
-    if n_drop == 0:
+    cells = occlusion_cells(n, fraction, grid, rng)
+    if cells is None:
         return out
     if fill is None:
         fill = images.reshape(-1, c).mean(axis=0)
-    ys = np.linspace(0, h, grid + 1).round().astype(int)
-    xs = np.linspace(0, w, grid + 1).round().astype(int)
-    for i in range(n):
-        for p in rng.permutation(grid * grid)[:n_drop]:
-            r, q = divmod(int(p), grid)
-            out[i, ys[r]:ys[r + 1], xs[q]:xs[q + 1]] = fill
+    out[cells[:, patch_index(h, grid)[:, None], patch_index(w, grid)[None, :]]] = fill
     return out
 
 

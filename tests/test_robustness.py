@@ -1,6 +1,8 @@
 """Accuracy under occlusion, adversarial attacks and cue conflict, with toy models whose cues are known."""
 import math
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -104,3 +106,39 @@ def test_pgd_at_least_as_strong_as_fgsm():
     assert by_pgd[-1] < by_fgsm[-1] - 0.2
     # seeded random start: the same numbers again
     assert adversarial_curve(model, images, labels, eps[-1:], attack="pgd", steps=5, seed=0)["accuracy"] == by_pgd[-1:]
+
+
+def _occlude_reference(images, fraction, grid, rng, fill):
+    """The per-image, per-patch loop occlude_patches was written as: the definition the fast one must keep."""
+    n, h, w, c = images.shape
+    out = images.copy()
+    n_drop = int(round(fraction * grid * grid))
+    if n_drop == 0:
+        return out
+    ys = np.linspace(0, h, grid + 1).round().astype(int)
+    xs = np.linspace(0, w, grid + 1).round().astype(int)
+    for i in range(n):
+        for p in rng.permutation(grid * grid)[:n_drop]:
+            r, q = divmod(int(p), grid)
+            out[i, ys[r]:ys[r + 1], xs[q]:xs[q + 1]] = fill
+    return out
+
+
+@pytest.mark.parametrize("dtype, h, w, grid, fraction", [(np.uint8, 32, 32, 8, 0.5), (np.float32, 10, 13, 8, 0.3),
+                                                          (np.uint8, 5, 6, 8, 0.75), (np.float32, 9, 9, 3, 0.0)])
+def test_occlusion_is_the_patch_loop_on_host_and_device(dtype, h, w, grid, fraction):
+    """occlude_patches (datasets) and occlude_batch (analysis, on the batch's device) drop the same patches as
+    the reference loop, draw the same numbers (the generator ends in the same state) and fill the same pixels."""
+    from analysis.robustness import occlude_batch
+    from teacher_cache.bias import occlude_patches
+    rng = np.random.default_rng(3)
+    images = (rng.random((6, h, w, 3)) * 255).astype(dtype)
+    fill = np.array([10.7, 120.2, 240.9], dtype=np.float32)
+    want_rng, got_rng, batch_rng = (np.random.default_rng(9) for _ in range(3))
+    want = _occlude_reference(images, fraction, grid, want_rng, fill)
+    np.testing.assert_array_equal(occlude_patches(images, fraction, grid, got_rng, fill=fill), want)
+    assert got_rng.random() == want_rng.random()
+    if dtype == np.float32:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        got = occlude_batch(x, fraction, grid, batch_rng, torch.from_numpy(fill)).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(got, want)
