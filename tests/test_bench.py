@@ -15,7 +15,7 @@ import pytest
 
 from infra.bench import run as bench_run
 from infra.bench import table
-from infra.bench.common import resolve_profile
+from infra.bench.profiles import resolve_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 # numba (under FFCV's loader) can raise a KeyError from a finalizer when its compiled pipeline is

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from infra.bench import cache
-from infra.bench.common import PROFILES, Context, resolve_profile
+from infra.bench.common import Context
+from infra.bench.profiles import PROFILES, resolve_profile
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizer
 

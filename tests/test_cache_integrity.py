@@ -157,7 +157,8 @@ def test_all_zero_shard_is_written_and_checked(tmp_path):
 
 def test_worker_refuses_outputs_beyond_float16(tmp_path, monkeypatch):
     """NaN, Inf or values float16 cannot hold are caught on the device, before anything is written."""
-    from infra.bench.common import PROFILES, Context
+    from infra.bench.common import Context
+    from infra.bench.profiles import PROFILES
     ctx = Context(PROFILES["tiny"], tmp_path)
     w = ctx.worker("teacher_cnn")
     extract = w.teacher.extract

@@ -85,7 +85,8 @@ def test_quantize_per_token(view_shape):
 def test_int8_features_through_pack_and_loader(tmp_path):
     """The bench's tiny cache (random-weight demo teachers, real CacheWorker) written twice, float16 and
     int8: the int8 file's features, dequantised by the loader, match the float16 store's (cosine)."""
-    from infra.bench.common import PROFILES, Context
+    from infra.bench.common import Context
+    from infra.bench.profiles import PROFILES
     from student_train.loader import StudentLoader
     profile = PROFILES["tiny"]
     ref = Context(profile, tmp_path / "f16").filled_store("teacher_vit")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from infra.bench.common import Profile, header, judge, log, median, sig, timed
+from infra.bench.common import header, judge, log, median, sig, timed
+from infra.bench.profiles import Profile
 
 PROJECTION_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_cifar10.yaml"
 PROJECTION_TEST_IMAGES = 10_000  # CIFAR-10's test set

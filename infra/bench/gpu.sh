@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # hakd GPU benchmarks: one H100/H200, a bare machine, under 9 minutes.
 #
-#   bash infra/bench/gpu.sh [key=value ...]     # key=value: fields of the "gpu" profile, infra/bench/common.py
+#   bash infra/bench/gpu.sh [key=value ...]     # key=value: fields of the "gpu" profile, infra/bench/profiles.py
 #
 # On a device machine of this workplace (its `run` tool copies the working tree; .whl/ is git-ignored, so carry it):
 #   here, once per session:   ../shared/gpu/make-kit.sh && bash infra/bench/kit-extra.sh     # wheels into .whl/

@@ -11,7 +11,7 @@ A benchmark that fails does not stop the others: its line is {"error": "<one lin
 goes to stderr), the results file is rewritten after every benchmark, and the exit status is 1 at
 the end if any failed (2 for bad arguments).
 
-Trailing `key=value` arguments override fields of the machine's profile (infra/bench/common.py),
+Trailing `key=value` arguments override fields of the machine's profile (infra/bench/profiles.py),
 e.g. `hakd bench train repeats=5 train_batch=32`; `profile=cpu|gpu|tiny` and `device=cpu|cuda` pick
 the profile and the device (default: the GPU profile when torch sees a GPU, else the CPU one). `python -m infra.bench.run` also takes
 --device cpu|cuda, --profile cpu|gpu|tiny, --tiny (= --profile tiny) and --copy-to DIR ($OUT).
@@ -31,7 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
-from infra.bench.common import Context, Profile, device_slug, emit, header, log, missing_modules, resolve_profile
+from infra.bench.common import Context, device_slug, emit, header, log, missing_modules
+from infra.bench.profiles import Profile, resolve_profile
 from infra.errors import UserError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

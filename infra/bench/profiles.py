@@ -1,0 +1,115 @@
+"""Machine profiles of the benchmarks: what each measures on (models, sizes, repeats), and the `key=value`
+overrides of `hakd bench` / infra/bench/gpu.sh."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from infra.errors import UserError
+
+
+@dataclass
+class Profile:
+    name: str
+    device: str = "cpu"            # cpu | cuda
+    vit: str = "vit_demo"          # teacher_vit (ViT: its last-block input is cached, the block runs live)
+    cnn: str = "wrn_demo"          # teacher_cnn
+    student: str = "resnet_demo"   # student architecture
+    image_size: int = 32           # stored image side; every model resizes to its own input size
+    n_images: int = 512            # images in the bench cache
+    views: int = 4                 # K views per image
+    shard_size: int = 128          # samples per shard = one cache work unit
+    chunk_size: int = 32           # samples per chunk inside a shard
+    cache_batch: int = 128         # teacher forward batch
+    train_batch: int = 64          # student batch (all four step kinds, and both loaders)
+    loader_workers: int = 2        # FFCV threads = torch DataLoader processes
+    amp: bool = False              # bf16 autocast (GPU)
+    channels_last: bool = False    # GPU
+    warmup: int = 1                # cache: warm-up units
+    repeats: int = 3               # timed repeats behind every median
+    train_warmup: int = 3          # train: untimed steps before the timed ones
+    train_steps: int = 5           # train: steps per timed repeat
+    loader_warmup: int = 2         # loaders: untimed batches (FFCV JIT, worker start)
+    loader_batches: int = 6        # FFCV: batches per timed repeat
+    zarr_batches: int = 2          # torch/Zarr: batches per timed repeat (it is much slower)
+    analyze_tasks: int = 12        # analysis tasks per timed wall (demo models, always on CPU)
+    analyze_test_size: int = 300   # test images the analysis tasks read
+    analyze_repeats: int = 2
+    threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
+    store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
+    codec: str = "lz4"             # cache: cache.codec of the bench stores
+    codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
+    feature_dtype: str = "float16"  # cache: cache.feature_dtype
+    writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto, teacher_cache/writers.py)
+    disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
+    cache_images: int = 0          # cache: images of the cache bench's own stores (0 = n_images; the images repeated)
+    cache_repeats: int = 0         # cache: timed repeats of each of its four runs (0 = repeats)
+    breakdown_units: int = 4       # cache: units of the serial per-stage pass
+    calibration_images: int = 64   # teachers: generated images whose forwards set the random teachers' BatchNorm statistics
+
+
+PROFILES = {
+    # 2 CPU cores: the demo models at 32 px, about 3 minutes for `hakd bench all`. One torch thread: the
+    # other core serves the pipeline (the cache's writer thread, the FFCV loader threads), as in
+    # `hakd cache` where each of 2 actors gets one; and on a shared, oversubscribed machine OpenMP
+    # barriers make 2 threads erratically slow.
+    "cpu": Profile("cpu", n_images=256, views=2, shard_size=64, chunk_size=16, train_batch=32, train_warmup=5,
+                   train_steps=4, analyze_test_size=200, threads=1),
+    # one H100/H200: the paper's models at 224 px in bf16, random weights
+    "gpu": Profile("gpu", device="cuda", vit="vit_b16_clip", cnn="wrn101", student="resnet50", image_size=224,
+                   n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
+                   loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
+                   train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
+                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256,  # analyze: 4 batches of 256 per measure
+                   cache_images=8192, cache_repeats=2),  # cache: 32 units of 256 images x 2 views per teacher
+    # tests and `--tiny`: every code path in seconds
+    "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
+                    loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
+                    loader_batches=2, zarr_batches=1, analyze_tasks=4, analyze_test_size=40, analyze_repeats=1,
+                    threads=1, disk_probe_mb=8, calibration_images=16),
+}
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[str] = ()) -> Profile:
+    """The profile for this machine (or the named one), with `key=value` overrides of its fields."""
+    import torch
+    import yaml
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible to torch; use --device cpu")
+    if name == "auto":
+        name = "gpu" if device == "cuda" else "cpu"
+    if name not in PROFILES:
+        raise UserError(f"unknown bench profile {name!r}; choose one of {', '.join(PROFILES)}")
+    p = dataclasses.replace(PROFILES[name], device=device)
+    if device == "cpu":
+        p = dataclasses.replace(p, amp=False, channels_last=False)
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    for o in overrides:
+        key, sep, raw = o.partition("=")
+        if not sep or key not in fields or key in ("name", "device"):
+            raise UserError(f"bench override {o!r}: expected key=value with key one of "
+                            f"{', '.join(k for k in fields if k not in ('name', 'device'))} "
+                            f", or profile=cpu|gpu|tiny, device=cpu|cuda")
+        value, want = yaml.safe_load(raw), type(getattr(p, key))
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        zero_ok = key in ("threads", "writers", "cache_images", "cache_repeats")  # 0 = auto / as another field
+        if not ok or (want is int and value < (0 if zero_ok else 1)):
+            raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
+        p = dataclasses.replace(p, **{key: value})
+    if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
+        raise UserError(f"bench profile {p.name}: need chunk_size | shard_size, n_images >= 2 * train_batch, "
+                        f"views >= 2 (got {p.chunk_size}, {p.shard_size}, {p.n_images}, {p.train_batch}, {p.views})")
+    if (p.cache_images or p.n_images) < 2 * p.shard_size:  # its steady-state rate needs two units at least
+        raise UserError(f"bench profile {p.name}: cache_images (0 = n_images) must be >= 2 * shard_size = "
+                        f"{2 * p.shard_size} (got {p.cache_images or p.n_images})")
+    return p
