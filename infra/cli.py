@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON line")
-    p.add_argument("what", choices=("cache", "loader", "train", "analyze", "all"))
+    p.add_argument("what", help="cache, loader, train, analyze, all, gpu, or several, comma-separated (cache,train)")
     _common(p)
     return parser
 

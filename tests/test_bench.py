@@ -167,6 +167,11 @@ def test_a_comma_separated_list_runs_in_order_and_writes_the_results_file(tmp_pa
     assert [l["bench"] for l in _lines(capsys.readouterr().out)] == ["cache", "train"]
     assert set(json.loads(next(results.glob("*.json")).read_text())["benches"]) == {"cache", "train"}
     assert bench_run.cli(["cache,nope", "--tiny"]) == 2
+    from infra.cli import main as hakd  # `hakd bench` takes the same lists
+    seen.clear()
+    assert hakd(["bench", "cache,train", "profile=tiny", "device=cpu", "--out", str(tmp_path / "hakd")]) == 0
+    assert seen == ["cache", "train"]
+    assert hakd(["bench", "cache,nope"]) == 2
 
 
 def test_calibration_brings_an_overflowing_random_teacher_into_float16_range(tmp_path):
