@@ -104,6 +104,21 @@ def test_analyze_line(ray_session, capsys, tmp_path):
     assert set(lines[0]["projected_s"]) == set(lines[0]["params"]["projection"]["models"])
 
 
+def test_analyze_rates_stop_at_the_budget_and_keep_what_they_measured(tmp_path, monkeypatch):
+    """A short GPU run (the H200's analyze run was cut off after three measures, and nothing of it was kept):
+    past analyze_budget_s no further measure starts, the line lists the skipped ones, and no model whose
+    rates are missing gets a projection."""
+    import types
+    from infra.bench import analyze
+    clock = iter(range(1000))  # each budget check is one second later: the first measure runs, the rest do not
+    monkeypatch.setattr(analyze, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    p = resolve_profile("tiny", "cpu", ["analyze_budget_s=1"])
+    got = analyze.measure_rates(p, tmp_path)
+    assert got["rates_img_s"] == {"vit_demo": {"accuracy": got["rates_img_s"]["vit_demo"]["accuracy"]}}
+    assert "vit_demo.fourier" in got["skipped_rates"] and "resnet_demo.cka" in got["skipped_rates"]
+    assert got["projected_total_s"] is None and all(v is None for v in got["projected_s"].values())
+
+
 def test_table_renders_skips_and_verdicts(tmp_path):
     doc = {"device": "nvidia-h100-80gb-hbm3", "date": "2026-01-02", "commit": "0123456789abcdef", "profile": "gpu",
            "benches": {

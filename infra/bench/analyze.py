@@ -193,13 +193,20 @@ def measure_rates(p: Profile, workdir: Path | None = None) -> dict:
     warm = {**d, "x": d["x"][:warm_n], "y": d["y"][:warm_n], "n": warm_n}
     arch = {"teacher_vit": p.vit, "teacher_cnn": p.cnn, "student_independent": p.student}
     rates: dict[str, dict[str, float]] = {}
+    skipped: list[str] = []
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         write_models(cfg, Path(tmp), RATE_MODELS)
         for name in RATE_MODELS:
-            model = load_model(cfg, Path(tmp), name).to(device)
+            model = None
             for measure in RATE_MEASURES:
                 if measure == "cka" and name in ("teacher_vit", "teacher_cnn"):
                     continue  # CKA compares students with the ViT teacher
+                if p.analyze_budget_s and time.perf_counter() - start > p.analyze_budget_s:
+                    skipped.append(f"{arch[name]}.{measure}")  # a short run keeps what it measured
+                    continue
+                if model is None:
+                    model = load_model(cfg, Path(tmp), name).to(device)
                 precision = precision_for(cfg, measure, device)
                 run_measure(cfg, Path(tmp), model, name, measure, warm, precision)
                 seconds = timed(lambda: run_measure(cfg, Path(tmp), model, name, measure, d, precision), p.device)
@@ -222,9 +229,16 @@ def measure_rates(p: Profile, workdir: Path | None = None) -> dict:
             continue
         name = runs[run][0]
         a = arch.get(name, p.student)
-        projected[name] = projected.get(name, 0.0) + images_per_task(paper_cfg, measure, PROJECTION_TEST_IMAGES) / rates[a][measure]
-    return {"rates_img_s": rates, "projected_s": {k: sig(v) for k, v in projected.items()},
-            "projected_total_s": sig(sum(projected.values())),
+        if measure not in rates.get(a, {}):  # skipped for the budget: no projection for this model
+            projected[name] = None
+        elif projected.get(name, 0.0) is not None:
+            projected[name] = projected.get(name, 0.0) + images_per_task(paper_cfg, measure, PROJECTION_TEST_IMAGES) / rates[a][measure]
+    complete = all(v is not None for v in projected.values())
+    if skipped:
+        log(f"analyze: budget of {p.analyze_budget_s} s spent; skipped {', '.join(skipped)}")
+    return {"rates_img_s": rates, "skipped_rates": skipped,
+            "projected_s": {k: (sig(v) if v is not None else None) for k, v in projected.items()},
+            "projected_total_s": sig(sum(projected.values())) if complete else None,
             "params": {"projection": {"config": str(PROJECTION_CONFIG.relative_to(PROJECTION_CONFIG.parents[2])),
                                       "test_images": PROJECTION_TEST_IMAGES, "variants": list(variants),
                                       "models": list(PROJECTION_MODELS), "seeds": 1},

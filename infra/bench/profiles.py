@@ -36,6 +36,7 @@ class Profile:
     analyze_tasks: int = 12        # analysis tasks per timed wall (demo models, always on CPU)
     analyze_test_size: int = 300   # test images the analysis tasks read
     analyze_repeats: int = 2
+    analyze_budget_s: int = 0      # analyze: seconds after which no further measure starts (0 = none); the rest are listed as skipped
     threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
     store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
     codec: str = "lz4"             # cache: cache.codec of the bench stores
@@ -62,6 +63,7 @@ PROFILES = {
                    loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
                    train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
                    analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256,  # analyze: 4 batches of 256 per measure
+                   analyze_budget_s=45,  # an H200 measured 3 of ViT-B/16's measures in 50 s: keep what a short run gets
                    cache_images=8192, cache_repeats=2),  # cache: 32 units of 256 images x 2 views per teacher
     # tests and `--tiny`: every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
@@ -102,7 +104,7 @@ def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[st
                             f", or profile=cpu|gpu|tiny, device=cpu|cuda")
         value, want = yaml.safe_load(raw), type(getattr(p, key))
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        zero_ok = key in ("threads", "writers", "cache_images", "cache_repeats")  # 0 = auto / as another field
+        zero_ok = key in ("threads", "writers", "cache_images", "cache_repeats", "analyze_budget_s")  # 0 = auto / none
         if not ok or (want is int and value < (0 if zero_ok else 1)):
             raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
         p = dataclasses.replace(p, **{key: value})
