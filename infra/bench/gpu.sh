@@ -42,7 +42,8 @@
 # (seconds for cache_shm, default 150), ANALYZE_TIMEOUT (seconds for analyze, default 90: the gpu profile starts
 # no measure after 45 s, analyze_budget_s, so that it ends with the rates it has), WHEELS (folder of wheels
 # and .deb files to install first; default .whl if present and DEVICE is not cpu). The three limits together:
-# 9 minutes (with DEVICE=cpu: 600, 300 and 300 s, for a busy 2-core machine). Measured on an H200: cache 112 s (cache_repeats=1) and train 108 s at 1ff612b, loader 18 s at a56e22f; one `run` call of the device
+# 9 minutes (with DEVICE=cpu: 600, 300 and 300 s, for a busy 2-core machine). Measured on an H200: cache
+# 112 s (cache_repeats=1) and train 108 s at 1ff612b, loader 18 s at a56e22f. One `run` call of the device
 # tool may take 10 minutes, and a session has 15 minutes of device time, the machine's start included.
 #
 # What the machine needs. torch with CUDA, torchvision, timm, numpy, pyyaml, tqdm, scipy, opencv, matplotlib,
