@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import platform
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from infra.config import Config, dump_config
 
+ROOT = Path(__file__).resolve().parent.parent
+STAMP = ROOT / "infra" / "bench" / "source-stamp.json"  # written by `python -m infra.bench.stamp`
 PACKAGES = ("torch", "torchvision", "timm", "ffcv", "zarr", "numcodecs", "ray", "numpy", "grad-cam", "hakd")
 
 
@@ -24,15 +27,35 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def blob_hash(path: Path) -> str | None:
+    """git's blob id of the file's bytes (`git hash-object`), None for a missing file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def stamped_commit(stamp: Path = STAMP, root: Path = ROOT) -> str | None:
+    """The stamp's commit ('-dirty' when the stamped tree differed from it) if the tree still matches the stamp."""
+    try:
+        doc = json.loads(stamp.read_text())
+        files, sha = doc["files"], doc["commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if any(blob_hash(root / f) != h for f, h in files.items()):
+        return None
+    return sha + ("-dirty" if doc.get("dirty") else "")
 
 
 def commit() -> str:
@@ -41,7 +64,6 @@ def commit() -> str:
     machine (a GPU machine, a cluster node) has no git state of its own, or another one (on the GPU machine git
     named an older commit, dirty): `python -m infra.bench.stamp` in the checkout before the copy writes the
     stamp that travels with it."""
-    from infra.bench.stamp import stamped_commit
     answer = git_commit()
     if answer != "unknown" and not answer.endswith("-dirty"):
         return answer

@@ -289,16 +289,15 @@ def test_every_output_names_the_stamped_commit_on_a_copied_tree(monkeypatch, tmp
     """infra.provenance.commit (run.json, store provenance, results files): git's clean answer, else a
     matching stamp's (the GPU machine's copy: git there named an older commit, dirty), else git's as it is."""
     from infra import provenance
-    from infra.bench import stamp
     from infra.config import load_config
-    monkeypatch.setattr(stamp, "stamped_commit", lambda *a: "c0ffee")
+    monkeypatch.setattr(provenance, "stamped_commit", lambda *a: "c0ffee")
     for git, want in (("abc", "abc"), ("abc-dirty", "c0ffee"), ("unknown", "c0ffee")):
         monkeypatch.setattr(provenance, "git_commit", lambda git=git: git)
         assert provenance.commit() == want
-    monkeypatch.setattr(stamp, "stamped_commit", lambda *a: None)  # no stamp, or a stale one
+    monkeypatch.setattr(provenance, "stamped_commit", lambda *a: None)  # no stamp, or a stale one
     assert provenance.commit() == "unknown"
     cfg = load_config(None)
-    monkeypatch.setattr(stamp, "stamped_commit", lambda *a: "c0ffee")
+    monkeypatch.setattr(provenance, "stamped_commit", lambda *a: "c0ffee")
     monkeypatch.setattr(provenance, "git_commit", lambda: "abc-dirty")
     provenance.write_run_info(tmp_path, cfg)
     assert json.loads((tmp_path / "run.json").read_text())["commit"] == "c0ffee"

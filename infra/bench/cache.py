@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.bench.common import ROLES, Context, header, judge, log, median, sig, timed
+from infra.bench.profiles import cores
 
 TARGET = ">= 0.9"
 STAGES = ("compute", "copy", "encode", "checksum", "write", "verify")
@@ -160,7 +161,7 @@ def writers_alone(ctx: Context, store, w, n: int) -> tuple[float, float]:
                 futures = [pool.submit(u, slots.acquire(), rows(u)) for u in range(min(lay.units, count - start))]
                 for f in futures:
                     pool.result(f)
-        write(n)  # starts the processes
+        write(n)  # warm-up: each writer's first unit (zarr and Blosc set-up)
         units = max(2 * n, 8)
         seconds = timed(lambda: write(units), "cpu")
         per_unit = stored_bytes(scratch.path) / min(units, lay.units)
@@ -265,7 +266,7 @@ def measure(ctx: Context, store, w, disk: float) -> dict:
 def run(ctx: Context) -> dict:
     p = ctx.p
     disk = disk_write_mb_s(ctx.store_dir, p.disk_probe_mb)
-    streams = max(2, (os.cpu_count() or 2) - 1)  # as many as auto writers on a one-GPU node
+    streams = max(2, cores() - 1)  # as many as auto writers on a one-GPU node
     disk_parallel = disk_write_mb_s(ctx.store_dir, p.disk_probe_mb, streams)
     log(f"disk: {disk:.0f} MB/s sequential with fsync into {ctx.store_dir}; {disk_parallel:.0f} MB/s as "
         f"{streams} files written at once")

@@ -12,25 +12,12 @@ behind after a commit or an edit is ignored.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from infra.provenance import git_commit
-
-ROOT = Path(__file__).resolve().parents[2]
-STAMP = Path(__file__).resolve().parent / "source-stamp.json"
-
-
-def blob_hash(path: Path) -> str | None:
-    """git's blob id of the file's bytes (`git hash-object`), None for a missing file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+from infra.provenance import ROOT, STAMP, blob_hash, git_commit, stamped_commit
 
 
 def _git(*args: str) -> str:
@@ -46,18 +33,6 @@ def write_stamp(stamp: Path = STAMP) -> dict:
            "files": {f: blob_hash(ROOT / f) for f in files}}
     stamp.write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n")
     return doc
-
-
-def stamped_commit(stamp: Path = STAMP, root: Path = ROOT) -> str | None:
-    """The stamp's commit ('-dirty' when the stamped tree differed from it) if the tree still matches the stamp."""
-    try:
-        doc = json.loads(stamp.read_text())
-        files, sha = doc["files"], doc["commit"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if any(blob_hash(root / f) != h for f, h in files.items()):
-        return None
-    return sha + ("-dirty" if doc.get("dirty") else "")
 
 
 def main(argv: list[str]) -> int:
