@@ -71,7 +71,7 @@ def test_cache_train_loader_lines(gpu_set):
     for name, fig in cache["teachers"].items():
         assert fig["bare_forward_img_s"] > 0 and fig["cache_img_s"] > 0 and fig["ratio"] > 0
         judged = "steady_over_disk" if fig["bound"] == "disk" else "steady_ratio"
-        assert set(cache["targets"]) >= {f"teachers.{name}.{judged}"} and "steady_cache_img_s" in fig
+        assert (f"teachers.{name}.{judged}" in cache["targets"]) == fig["steady_valid"] and "steady_cache_img_s" in fig
     assert train["student"] == "resnet_demo" and train["params"]["batch"] == 8
     assert "offline_over_resident" in train["targets"]
     assert {"ratio", "ffcv_over_student"} <= set(loader["targets"])
@@ -86,7 +86,7 @@ def test_results_file_and_table(gpu_set):
     md = table.render(files)
     rows = [r for r in md.splitlines() if r.startswith("| cpu-")]
     assert md.splitlines()[0].startswith("| device | date | commit | figure | value | target | met |")
-    assert any("cache: teachers.vit_demo.steady_" in r and ">= 0.9" in r for r in rows)
+    assert any("cache: teachers.vit_demo.steady_" in r for r in rows)
     assert any("train: offline_over_resident" in r for r in rows)
     assert any("loader: ratio" in r for r in rows)
     assert table.main([str(results)]) == 0

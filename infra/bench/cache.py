@@ -188,10 +188,11 @@ def rate(inputs: int, seconds: float) -> float | None:
 
 
 def plausible(steady_cache: float | None, steady_bare: float | None) -> bool:
-    """Whether marginal rates can be true: the cache path runs the same forward and more, so a steady rate above
-    the bare one (5% for noise) means the half run held a cost the whole run did not (writer start-up once did,
-    on the H200: 157,600 img/s against 8,408), and the marginal method measured nothing."""
-    return bool(steady_cache and steady_bare and steady_cache <= 1.05 * steady_bare)
+    """Whether marginal rates can be true: the cache path runs the same forward and more, so a steady rate well
+    above the bare one means the half run held a cost the whole run did not (writer start-up once did, on the
+    H200: 157,600 img/s against 8,408), and the marginal method measured nothing. 25% for noise: where the
+    writers keep up, the two rates are equal, and a marginal rate over a unit or two on a CPU moves by 10-15%."""
+    return bool(steady_cache and steady_bare and steady_cache <= 1.25 * steady_bare)
 
 
 def one_teacher(ctx: Context, role: str, disk: float) -> dict:
