@@ -13,7 +13,8 @@ Layout of `OUT/cache/<teacher>.zarr` (N images, K views, C classes):
                                        (0: no file; every shard is written, but older stores of this
                                        format skipped all-zero ones)
 A unit is one shard along N: the unit of work, of writing (one writer per shard, as zarr requires)
-and of repair. Every chunk, every shard index and the unit tables carry zarr's own CRC-32C, so zarr
+and of repair; its shard files are encoded by teacher_cache/shards.py, byte for byte as zarr would
+write them. Every chunk, every shard index and the unit tables carry zarr's own CRC-32C, so zarr
 rejects a damaged chunk when it reads it; the recorded file checksums let `verify` check the whole
 store at disk speed without decoding anything. The file checksum is XXH3-64, not CRC-32C: a file made
 of CRC-32C-terminated chunks has the same CRC-32C whatever the chunks hold (CRC(m + CRC(m)) is a
@@ -29,6 +30,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ from zarr.storage import WrapperStore
 
 from infra import storage
 from infra.errors import UserError
+from teacher_cache import shards
 from teacher_cache.codecs import codec_for, zarr_compressors
 from teacher_cache.layout import Layout
 
@@ -59,21 +62,16 @@ def file_checksum(data) -> int:
 
 
 class _ChecksummingStore(WrapperStore):
-    """A zarr store that records the checksum of every value it writes (key -> XXH3-64) as it writes it,
-    and the seconds spent checksumming and writing (the cache benchmark's breakdown)."""
+    """A zarr store that records the checksum of every value zarr writes through it (key -> XXH3-64): the
+    unit tables and the parameter groups (the shard files are written by CacheStore itself)."""
 
-    def __init__(self, store, seconds: dict[str, float]):
+    def __init__(self, store):
         super().__init__(store)
         self.written: dict[str, int] = {}
-        self.seconds = seconds
 
     async def set(self, key, value) -> None:
-        t0 = time.perf_counter()
         self.written[key] = file_checksum(value.as_numpy_array())
-        t1 = time.perf_counter()
         await self._store.set(key, value)
-        self.seconds["checksum"] += t1 - t0
-        self.seconds["store_write"] += time.perf_counter() - t1
 
 
 def shard_key(name: str, ndim: int, u: int) -> str:
@@ -88,16 +86,17 @@ class CacheStore:
         # a local or shared path, or an object-store URL (infra/storage.py)
         self.path, self.group, self.layout, self._zstore = str(path), group, layout, zstore
         self.names = list(layout.arrays())
-        # seconds spent writing, by stage, summed over threads: assign (zarr encodes, checksums and writes),
-        # checksum and store_write (inside assign), fsync
-        self.seconds = zstore.seconds
+        # seconds spent writing units, by stage, summed over threads: encode (codec, chunk CRC-32C, shard
+        # index), checksum (each shard file's XXH3), write (the file written and fsynced, or PUT)
+        self.seconds: dict[str, float] = defaultdict(float)
         self._handles: dict[str, zarr.Array] = {}
+        self._encoders: dict[str, shards.ShardEncoder] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ opening
     @staticmethod
     def _open_zarr(path: str, mode: str) -> tuple[zarr.Group, _ChecksummingStore]:
-        zstore = _ChecksummingStore(storage.zarr_store(path), defaultdict(float))
+        zstore = _ChecksummingStore(storage.zarr_store(path))
         with storage.reported(f"cannot open cache store {path}"):
             return zarr.open_group(store=zstore, mode=mode, zarr_format=3), zstore
 
@@ -162,15 +161,10 @@ class CacheStore:
         return dict(self.group.attrs)
 
     def array(self, name: str) -> zarr.Array:
-        """The zarr array `name`, opened once (each opening reads its metadata).
-
-        Per-sample arrays write every chunk, also one equal to the fill value: zarr's default compares
-        each chunk with it first, which took half of a unit's encoding time (ViT-B/16 units, 2 cores:
-        0.41 s of 0.51 s with lz4, 0.21 s of 0.31 s without the comparison)."""
+        """The zarr array `name`, opened once (each opening reads its metadata)."""
         with self._lock:
             if name not in self._handles:
-                a = self.group[name]
-                self._handles[name] = a.with_config({"write_empty_chunks": True}) if name in self.names else a
+                self._handles[name] = self.group[name]
             return self._handles[name]
 
     # ------------------------------------------------------------------ writing
@@ -180,13 +174,15 @@ class CacheStore:
     def pending_units(self) -> list[int]:
         return [int(u) for u in np.flatnonzero(~self.done_units())]
 
-    def write_unit(self, u: int, arrays: dict[str, np.ndarray], check_finite: bool = True) -> None:
+    def write_unit(self, u: int, arrays: dict[str, np.ndarray], check_finite: bool = True,
+                   pool: Executor | None = None) -> None:
         """Write every array of unit u, make it durable, then (and only then) mark it done.
 
-        The checksum of each shard file is taken from the bytes as they go to the store, so nothing
-        is read back. Several units may be written at once from different threads (each its own
-        shards); one unit must never be written by two. `check_finite=False` skips the NaN/Inf check
-        (slow on float16 host arrays) for callers that checked on the device.
+        Each shard file is encoded here (teacher_cache/shards.py), its checksum taken from the bytes as
+        they go to the file, so nothing is read back. Several units may be written at once from
+        different threads or processes (each its own shards); one unit must never be written by two.
+        `pool` encodes a shard's chunks in parallel. `check_finite=False` skips the NaN/Inf check (slow
+        on float16 host arrays) for callers that checked on the device.
         """
         lo, hi = self.layout.unit_range(u)
         datas = {}  # read and checked before anything on disk changes
@@ -200,16 +196,17 @@ class CacheStore:
                                  f"overflowed); nothing was written")
             datas[name] = data
         self.array("units/done")[u] = 0
-        self._remove_unit(u)  # zarr reads an existing shard before rewriting it: a damaged one would block repair
-        keys = [shard_key(name, len(self.layout.arrays()[name][0]), u) for name in self.names]
-        t0 = time.perf_counter()
-        for name in self.names:
-            self.array(name)[lo:hi] = datas[name]
-        t1 = time.perf_counter()
-        self._fsync(keys)
-        self._add("assign", t1 - t0)  # encode + checksum + store_write (the store's set() times the last two)
-        self._add("fsync", time.perf_counter() - t1)
-        sums = [self._zstore.written.pop(key, NO_FILE) for key in keys]
+        sums = []
+        for name in self.names:  # each file replaces the old one whole: a damaged old shard is never read
+            t0 = time.perf_counter()
+            parts = self._encoder(name).parts(datas[name], pool)
+            t1 = time.perf_counter()
+            sums.append(shards.checksum(parts))
+            t2 = time.perf_counter()
+            self._put(shard_key(name, len(self.layout.arrays()[name][0]), u), parts)
+            self._add("encode", t1 - t0)
+            self._add("checksum", t2 - t1)
+            self._add("write", time.perf_counter() - t2)
         tables = [f"units/xxh3/c/{u}/0", f"units/done/c/{u}"]
         self.array("units/xxh3")[u] = np.array(sums, dtype=np.uint64)
         self.array("units/done")[u] = 1
@@ -217,13 +214,23 @@ class CacheStore:
         for key in tables:
             self._zstore.written.pop(key, None)
 
+    def _encoder(self, name: str) -> shards.ShardEncoder:
+        with self._lock:
+            if name not in self._encoders:
+                self._encoders[name] = shards.ShardEncoder(self.group[name])
+            return self._encoders[name]
+
+    def _put(self, key: str, parts: list) -> None:
+        """One shard file, durable when this returns: written and fsynced locally, one PUT to an object store."""
+        if storage.is_url(self.path):
+            buf = default_buffer_prototype().buffer.from_bytes(b"".join(parts))
+            sync(self._zstore._store.set(key, buf))  # its checksum is taken already
+        else:
+            shards.write_file(os.path.join(self.path, key), parts)
+
     def _add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
-
-    def _remove_unit(self, u: int) -> None:
-        for name in self.names:
-            sync(self._zstore.delete(shard_key(name, len(self.layout.arrays()[name][0]), u)))
 
     def _fsync(self, keys: list[str]) -> None:
         """fsync the files of the given keys (only those: the cost stays per unit). An object store's PUT

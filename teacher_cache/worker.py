@@ -45,7 +45,7 @@ class CacheWorker:
         writers = writer_count(self.cfg.cache.writers, spec, device)
         # one slot per writer, and one being filled by compute
         self.slots = SharedSlots(spec, writers + 1, pin=device == "cuda")
-        self.writers = WriterPool(str(path), self.slots, writers)
+        self.writers = WriterPool(str(path), self.slots, writers, threads=max(1, threads // writers))
         self.pending: list = []
         self.copy_stream = torch.cuda.Stream() if device == "cuda" else None
 

@@ -1,10 +1,11 @@
 """A cache actor's writer processes, and the shared host buffers they read the teacher's outputs from.
 
-Why processes, not threads: zarr does each chunk's bookkeeping (CRC-32C framing, shard assembly, the
-copies between them) on one event-loop thread per process, so writer threads share one core of that
-work however many there are. Measured on 2 cores writing ViT-B/16 units (194 MB each) into /dev/shm:
-two writer threads 622-664 MB/s, two writer processes 824-907 MB/s; on an H200 the bare ViT-B/16
-forward produces 3.2 GB/s of them, which only several processes can encode and write.
+Why processes: when zarr encoded the shards, it did each chunk's bookkeeping on one event-loop thread per
+process, so writer threads shared one core of that work. Measured on 2 cores writing ViT-B/16 units
+(194 MB each) into /dev/shm that way: two writer threads 622-664 MB/s, two writer processes 824-907 MB/s;
+on an H200 the bare ViT-B/16 forward produces 3.2 GB/s of them, which only several processes could
+encode and write. A writer now encodes its shard files itself (teacher_cache/shards.py), and where it
+owns more than one core its threads encode a shard's chunks at once (Blosc releases the GIL).
 
 No bytes are copied between processes: each buffer slot is one shared-memory file holding a whole
 unit (images, labels, views and the teacher's outputs), registered with CUDA as pinned memory, so
@@ -22,7 +23,7 @@ import threading
 import time
 import warnings
 import weakref
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import heap
 
@@ -164,11 +165,13 @@ def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def _attach(store_path: str, arenas: list, spec: Spec, parent: int, board) -> None:
+def _attach(store_path: str, arenas: list, spec: Spec, parent: int, board, threads: int) -> None:
     """Set up a writer process. A failure is kept and raised by its first write: an initializer's own
     exception would only break the pool, with the cause printed to the process's stderr."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _child["board"] = np.frombuffer(board.buffer, np.int64)
+    # Blosc releases the GIL: threads encode a shard's chunks at once where the process owns several cores
+    _child["encoders"] = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         from teacher_cache.store import CacheStore
         from infra.storage import is_url
@@ -197,7 +200,8 @@ def _write(u: int, slot: int, rows: int) -> dict[str, float]:
         raise _child["error"]
     store = _child["store"]
     before = dict(store.seconds)
-    store.write_unit(u, {name: a[:rows] for name, a in _child["arrays"][slot].items()}, check_finite=False)
+    store.write_unit(u, {name: a[:rows] for name, a in _child["arrays"][slot].items()}, check_finite=False,
+                     pool=_child["encoders"])
     return {k: v - before.get(k, 0.0) for k, v in store.seconds.items()}
 
 
@@ -205,13 +209,15 @@ STARTUP_TIMEOUT_S = 120.0
 
 
 class WriterPool:
-    """`processes` writer processes over one store, reading units from `slots`."""
+    """`processes` writer processes over one store, reading units from `slots`, each encoding with `threads`
+    threads (the CPUs the caller owns, shared out: one each where there are as many writers as cores)."""
 
-    def __init__(self, store_path: str, slots: SharedSlots, processes: int):
+    def __init__(self, store_path: str, slots: SharedSlots, processes: int, threads: int = 1):
         self.slots = slots
         self._board = heap.Arena(8 * processes)  # one pid per process that has started (zero-filled)
         self.pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_attach,
-                                        initargs=(store_path, slots.arenas, slots.spec, os.getpid(), self._board))
+                                        initargs=(store_path, slots.arenas, slots.spec, os.getpid(), self._board,
+                                                  threads))
         self._closed = weakref.finalize(self, WriterPool._shutdown, self.pool, slots)
         # Every process starts now, not on demand: the executor spawns one per submit and hands queued tasks
         # to whichever has started, so the first units would wait for interpreters to start and import

@@ -24,7 +24,7 @@ The breakdown is a second, serial pass over the first `breakdown_units` units (o
 nothing overlapped, written in this process), in seconds per unit:
   compute    the bare forward of the unit (device synchronised)
   copy       what casting and bringing the outputs to the host adds to it (overlapped on CUDA)
-  encode     zarr's chunk encoding (codec + chunk CRC-32C + shard index) of the unit's arrays
+  encode     encoding the unit's shard files (codec + chunk CRC-32C + shard index, teacher_cache/shards.py)
   checksum   the XXH3 of each shard file as it is written
   write      writing the shard files and fsyncing them
   verify     what `hakd verify` spends on the unit (the cache path itself re-reads nothing)
@@ -127,9 +127,8 @@ def breakdown(p, store, w) -> dict[str, float]:
         finally:
             w.slots.release(slot)
         d = {k: store.seconds[k] - before.get(k, 0.0) for k in store.seconds}
-        spent["checksum"] += d["checksum"]
-        spent["encode"] += d["assign"] - d["checksum"] - d["store_write"]
-        spent["write"] += d["store_write"] + d["fsync"]
+        for stage in ("encode", "checksum", "write"):
+            spent[stage] += d[stage]
         spent["verify"] += timed(lambda: store.verify([u]), "cpu")
     return {k: sig(v / len(units)) for k, v in spent.items()}
 
