@@ -301,3 +301,13 @@ def test_every_output_names_the_stamped_commit_on_a_copied_tree(monkeypatch, tmp
     monkeypatch.setattr(provenance, "git_commit", lambda: "abc-dirty")
     provenance.write_run_info(tmp_path, cfg)
     assert json.loads((tmp_path / "run.json").read_text())["commit"] == "c0ffee"
+
+
+def test_writer_bench_times_hakds_writer_against_zarrs_assignment(tmp_path):
+    from infra.bench.writer import measure
+    r = measure("lz4", threads=2, units=1, directory=str(tmp_path), shard_size=8, chunk_size=4)
+    assert r["unit_mb"] == 6.1 and r["codec"] == "lz4" and r["threads"] == 2
+    for side in ("hakd", "zarr_assignment"):
+        assert r[side]["wall_s"] > 0 and r[side]["cpu_s"] > 0 and r[side]["mb_s"] > 0
+    assert set(r["hakd"]["stages_s"]) == {"encode", "checksum", "write"}
+    assert list(tmp_path.iterdir()) == []  # the scratch stores are gone

@@ -20,6 +20,8 @@
 #           cannot take the bare forward's bytes); seconds per unit in each stage (compute, copy, encode,
 #           checksum, write, verify; 4 units), the bytes/s the bare forward would need, the disk's own write
 #           rate with fsync, and what 1, 2, 4, ... writer processes sustain alone
+#   writer  one writer process's wall and CPU seconds per ViT-B/16 unit, lz4 and none, on disk and in RAM, against
+#           zarr's own assignment of the same arrays (infra/bench/writer.py)
 #   cache_shm   the same with the stores in /dev/shm (RAM): the pipeline without the disk
 #   train   ResNet-50 step time: plain CE / resident KD / offline KD fed by FFCV / online KD with
 #           ViT-B/16 run live (KD = PCA + GL)
@@ -27,22 +29,23 @@
 #   analyze images/s per analysis measure (ResNet-50, WRN-101, ViT-B/16, bf16 where the measure allows) and the
 #           projected time of the paper's CIFAR-10 analysis of five models (needs grad-cam: kit-extra.sh)
 # Prints one JSON line per benchmark (stdout; progress on stderr) and writes
-# infra/bench/results/<gpu-name>-<date>.json after each benchmark (the extra runs, cache_shm and analyze, are added
-# to it at the end);
+# infra/bench/results/<gpu-name>-<date>.json after each benchmark (the extra runs, writer, cache_shm and analyze, are
+# added to it at the end);
 # with $OUT set, the results file and the JSON lines (bench-lines.jsonl) are copied there too.
 # A benchmark that fails or is cut off by its time limit does not stop the others: the results file records it as
 # {"error": "..."} and the script exits with the first non-zero status among its runs.
 #
 # Environment variables: BENCHES (what the main run measures, in the usual order: default gpu = cache,train,loader;
 # any comma-separated list of cache, train, loader, analyze, e.g. BENCHES=cache,train; written to the results file
-# whatever it holds), EXTRAS (the extra runs, default "cache_shm analyze"; empty = none), PYTHON (default
+# whatever it holds), EXTRAS (the extra runs, default "writer cache_shm analyze"; empty = none), PYTHON (default
 # .venv/bin/python where the checkout has one, else python3), DEVICE
 # (default cuda; `DEVICE=cpu bash infra/bench/gpu.sh --tiny` checks the whole script in a few minutes on a
 # machine without a GPU), BENCH_TIMEOUT (seconds for the BENCHES run, default 300), SHM_TIMEOUT
 # (seconds for cache_shm, default 150), ANALYZE_TIMEOUT (seconds for analyze, default 90: the gpu profile starts
-# no measure after 45 s, analyze_budget_s, so that it ends with the rates it has), WHEELS (folder of wheels
-# and .deb files to install first; default .whl if present and DEVICE is not cpu). The three limits together:
-# 9 minutes (with DEVICE=cpu: 600, 300 and 300 s, for a busy 2-core machine). Measured on an H200: cache
+# no measure after 45 s, analyze_budget_s, so that it ends with the rates it has), WRITER_TIMEOUT (default 60),
+# WHEELS (folder of wheels and .deb files to install first; default .whl if present and DEVICE is not cpu). The
+# four limits together: 10 minutes (with DEVICE=cpu: 600, 180, 300 and 300 s, for a busy 2-core machine); on the
+# device tool's 10-minute calls, drop an extra (EXTRAS). Measured on an H200: cache
 # 112 s (cache_repeats=1) and train 108 s at 1ff612b, loader 18 s at a56e22f. One `run` call of the device
 # tool may take 10 minutes, and a session has 15 minutes of device time, the machine's start included.
 #
@@ -66,14 +69,18 @@ PY=${PYTHON:-python3}
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi  # the checkout's own (not carried)
 DEVICE=${DEVICE:-cuda}
 BENCHES=${BENCHES:-gpu}
-EXTRAS=${EXTRAS-cache_shm analyze}  # set and empty: no extra runs
+EXTRAS=${EXTRAS-writer cache_shm analyze}  # set and empty: no extra runs
 for x in $EXTRAS; do
-  case $x in cache_shm|analyze) ;; *) echo "gpu.sh: EXTRAS: unknown extra run '$x' (cache_shm, analyze)" >&2; exit 2 ;; esac
+  case $x in writer|cache_shm|analyze) ;;
+    *) echo "gpu.sh: EXTRAS: unknown extra run '$x' (writer, cache_shm, analyze)" >&2; exit 2 ;;
+  esac
 done
 if [[ $DEVICE == cpu ]]; then  # a check of the script on a (shared, slow) CPU machine, not a measurement
   LIMIT=${BENCH_TIMEOUT:-600}; SHM_LIMIT=${SHM_TIMEOUT:-300}; ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-300}
+  WRITER_LIMIT=${WRITER_TIMEOUT:-180}
 else
   LIMIT=${BENCH_TIMEOUT:-300}; SHM_LIMIT=${SHM_TIMEOUT:-150}; ANALYZE_LIMIT=${ANALYZE_TIMEOUT:-90}
+  WRITER_LIMIT=${WRITER_TIMEOUT:-60}
 fi
 WHEELS=${WHEELS:-}
 if [[ -z "$WHEELS" && -d .whl && $DEVICE != cpu ]]; then WHEELS=.whl; fi  # the kit is for the GPU image's Python
@@ -171,12 +178,12 @@ if [[ -n "$results" && $rc != 0 ]]; then  # benches the run was in, or never rea
   "$PY" -m infra.bench.merge "$results" $names --rc "$rc" --why "$(why "$rc" BENCH_TIMEOUT "$LIMIT")"
 fi
 
-# extra runs merged into the results file under their own key: the cache bench again with its stores in RAM
-# (/dev/shm) as cache_shm, and the analysis rates (5 models x CIFAR-10 projection) as analyze
-extra() {  # extra KEY LIMIT-NAME LIMIT ARGS...: run `infra.bench.run ARGS`, add its JSON line (or why none) as KEY
-  local key=$1 limit_name=$2 limit=$3; shift 3
+# extra runs merged into the results file under their own key: one writer's cost per unit as writer, the cache
+# bench again with its stores in RAM (/dev/shm) as cache_shm, the analysis rates (5 models x CIFAR-10) as analyze
+extra() {  # extra KEY LIMIT-NAME LIMIT MODULE ARGS...: run `python -m MODULE ARGS`, add its JSON line (or why none) as KEY
+  local key=$1 limit_name=$2 limit=$3 module=$4; shift 4
   local tmp; tmp=$(mktemp)
-  timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m infra.bench.run "$@" | tee "$tmp"
+  timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m "$module" "$@" | tee "$tmp"
   local erc=${PIPESTATUS[0]}
   echo "gpu.sh: $key exited with $erc after $((SECONDS - start)) s in all" >&2
   if [[ $erc != 0 && $status == 0 ]]; then status=$erc; fi
@@ -188,9 +195,10 @@ extra() {  # extra KEY LIMIT-NAME LIMIT ARGS...: run `infra.bench.run ARGS`, add
 }
 for x in $EXTRAS; do
   case $x in
-    cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" cache --device "$DEVICE" "$@" store_dir=/dev/shm \
-                 cache_repeats=2 ;;
-    analyze) extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" analyze --device "$DEVICE" "$@" ;;
+    writer) extra writer WRITER_TIMEOUT "$WRITER_LIMIT" infra.bench.writer --dir "${TMPDIR:-/tmp},/dev/shm" ;;
+    cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" infra.bench.run cache --device "$DEVICE" "$@" \
+                 store_dir=/dev/shm cache_repeats=2 ;;
+    analyze) extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" infra.bench.run analyze --device "$DEVICE" "$@" ;;
   esac
 done
 set -e
