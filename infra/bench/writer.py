@@ -4,7 +4,7 @@ A writer process's work is CPU: encode, checksum, write. This times hakd's `writ
 by teacher_cache/shards.py, XXH3 of each file, written and fsynced) on units shaped like ViT-B/16's at 224 px
 (256 images x 2 views of 197x768 float16 tokens, 194 MB raw), in this process, and, for comparison, zarr's
 own assignment of the same arrays into a store of the same layout (`array[lo:hi] = data`, every chunk
-written; no file checksum, no fsync: the cheaper side of the comparison). Wall and CPU seconds per unit
+written, each shard file then fsynced; no file checksum: the cheaper side of the comparison). Wall and CPU seconds per unit
 (CPU counts every thread of the process) and MB/s of raw bytes, the median over `--units` units after one
 warm-up, for each codec and folder named (default: the temp dir, on disk, and /dev/shm, in RAM). Prints one
 JSON line, {"bench": "writer", "runs": [...]}; the features are random normal (lz4 barely compresses them, as
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 from infra.provenance import commit, now, versions
 from teacher_cache.codecs import CODECS
 from teacher_cache.layout import Layout
-from teacher_cache.store import CacheStore
+from teacher_cache.store import CacheStore, shard_key
 
 VIT_B16 = dict(views=2, image_size=224, num_classes=1000, layers={"blocks.10": (197, 768)})
 
@@ -70,6 +71,10 @@ def measure(codec: str, threads: int, units: int, directory: str, shard_size: in
             lo, hi = lay.unit_range(u)
             for name, a in arrays.items():
                 handles[name][lo:hi] = a
+            for name in arrays:  # durable, as hakd's files are (the store did this after zarr's assignment)
+                fd = os.open(Path(theirs.path, shard_key(name, arrays[name].ndim, u)), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
         zarr = per_unit(zarr_write, units)
     finally:
         if pool:
