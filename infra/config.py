@@ -60,8 +60,9 @@ class CacheConfig:
     chunk_size: int = 64          # samples per chunk inside a shard (must divide shard_size)
     batch_size: int = 128         # teacher forward batch
     clevel: int = 3               # Blosc level of the lz4 / zstd codecs
-    codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc, bitshuffle; README has measurements)
-    codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=lz4
+    codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc), or CODEC:SHUFFLE (README has measurements)
+    codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=zstd:noshuffle
+    shuffle: str = "auto"         # Blosc's byte order where a codec names none: auto (noshuffle for CNN feature maps, whose zeros come in runs; bitshuffle else) | bitshuffle | shuffle | noshuffle
     feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
     workers: int = 2              # Ray actors writing shards in parallel
     writers: int = 0              # writer processes per actor, each encoding and writing whole units (own shards); 0 = auto: on a GPU the node's CPUs per GPU less one, on CPU one (teacher_cache/writers.py)
@@ -179,6 +180,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
+    from teacher_cache.codecs import SHUFFLES, parse_codec, parse_overrides
     from teacher_cache.embedded import EMBEDDED, uses_embedded
     d, c, t, a = cfg.data, cfg.cache, cfg.train, cfg.analysis
     need(d.name in DATASETS, "data.name", f"{d.name!r} is not one of {', '.join(DATASETS)}")
@@ -222,12 +224,13 @@ def validate(cfg: Config) -> None:
          "cache.location", f"{c.location!r} is not a path or an s3://bucket/prefix URL")
     need(all(v > 0 for v in c.actor_resources.values()), "cache.actor_resources",
          "every amount must be positive (e.g. {hakd_cache_node: 1})")
-    need(c.codec in ("none", "lz4", "zstd"), "cache.codec", f"{c.codec!r} is not one of none, lz4, zstd")
-    for item in c.codec_overrides:
-        name, sep, codec = item.partition("=")
-        need(bool(sep and name) and codec in ("none", "lz4", "zstd"), "cache.codec_overrides",
-             f"{item!r} is not NAME=CODEC (NAME an array or group such as features or features/layer3, "
-             f"CODEC one of none, lz4, zstd)")
+    for key, check in (("cache.codec", lambda: parse_codec(c.codec)),
+                       ("cache.codec_overrides", lambda: parse_overrides(c.codec_overrides))):
+        try:
+            check()
+        except ValueError as e:
+            need(False, key, str(e))
+    need(c.shuffle in SHUFFLES, "cache.shuffle", f"{c.shuffle!r} is not one of {', '.join(SHUFFLES)}")
     need(c.feature_dtype in ("float16", "int8"), "cache.feature_dtype", f"{c.feature_dtype!r} is not float16 or int8")
     need(len(t.students) > 0, "train.students", "name at least one student")
     for s in t.students:

@@ -1,10 +1,14 @@
 """How cached arrays are encoded: the codec of each array, and int8 features with a scale per token.
 
-Codecs (`cache.codec`, `cache.codec_overrides`) are Blosc with bitshuffle and either lz4 or zstd,
-or none; every chunk then carries zarr's CRC-32C (`Crc32cCodec`), so zarr itself rejects a
-damaged chunk on read. Which codec pays depends on the array: post-ReLU CNN maps (many zeros)
-shrink by a third under zstd, ViT residual-stream tokens by a tenth (README, "What the cache
-stores"), and the cache is bound by bytes per second, so the choice is a measured trade.
+Codecs (`cache.codec`, `cache.codec_overrides`) are Blosc with lz4 or zstd, or none; every chunk then
+carries zarr's CRC-32C (`Crc32cCodec`), so zarr itself rejects a damaged chunk on read. Blosc first
+reorders each chunk's bytes (`cache.shuffle`): bitshuffle (the bits of 8 values at a time), shuffle
+(byte planes) or noshuffle. Which pays depends on the array (README, "What the cache stores"; measured
+on the demo teachers' features, lz4): ViT residual-stream tokens shrink by a tenth with bitshuffle and
+not at all without it; post-ReLU CNN maps, whose zeros come in runs, shrink by 1.14x with bitshuffle and
+1.38x without any (zstd: 1.48x and 1.82x). `auto`, the default, is therefore noshuffle for CNN feature
+maps (per-view shape C x H x W) and bitshuffle for everything else. The cache is bound by bytes per
+second, so the choice is a measured trade.
 
 int8 features (`cache.feature_dtype: int8`) are symmetric per token: a token is one feature vector
 (a ViT token's D values, a CNN map's C channels at one position), scale = max|x| / 127 stored as
@@ -15,27 +19,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from zarr.codecs import BloscCodec, Crc32cCodec
-
 if TYPE_CHECKING:
     import torch
+    from numcodecs import Blosc
 
 CODECS = ("none", "lz4", "zstd")
+SHUFFLES = ("auto", "bitshuffle", "shuffle", "noshuffle")
 FEATURE_DTYPES = ("float16", "int8")
+GRAMMAR = "CODEC or CODEC:SHUFFLE, CODEC one of none, lz4, zstd, SHUFFLE one of bitshuffle, shuffle, noshuffle"
 
 
-def zarr_compressors(codec: str, clevel: int) -> list:
-    """The bytes-to-bytes codecs of one array's chunks: the compressor (if any), then CRC-32C."""
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    crc = Crc32cCodec()
-    if codec == "none":
-        return [crc]
-    return [BloscCodec(cname=codec, clevel=clevel, shuffle="bitshuffle"), crc]
+def parse_codec(spec: str) -> tuple[str, str | None]:
+    """`lz4` -> ("lz4", None: the store's shuffle); `lz4:noshuffle` -> ("lz4", "noshuffle"). Raises ValueError."""
+    cname, sep, shuffle = spec.partition(":")
+    if cname not in CODECS or (sep and (cname == "none" or shuffle not in SHUFFLES[1:])):
+        raise ValueError(f"{spec!r} is not {GRAMMAR} (none takes no shuffle)")
+    return cname, shuffle or None
 
 
 def codec_for(name: str, default: str, overrides: dict[str, str]) -> str:
-    """The codec of array `name`: the override of the longest matching name or group prefix, else `default`.
+    """The codec spec of array `name`: the override of the longest matching name or group prefix, else `default`.
 
     `features` matches every `features/<layer>` (and `scales/<layer>` follows its layer's features).
     """
@@ -47,13 +50,47 @@ def codec_for(name: str, default: str, overrides: dict[str, str]) -> str:
     return best
 
 
+def resolve(name: str, view_ndim: int, codec: str, shuffle: str, overrides: dict[str, str]) -> tuple[str, str]:
+    """(codec, shuffle) of array `name`, whose values per view have `view_ndim` axes: its codec spec's own
+    shuffle, else `shuffle`, where `auto` is noshuffle for a CNN's feature maps and bitshuffle otherwise."""
+    cname, own = parse_codec(codec_for(name, codec, overrides))
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"unknown shuffle {shuffle!r}; choose one of {', '.join(SHUFFLES)}")
+    if own is None and shuffle == "auto":
+        own = "noshuffle" if name.startswith("features/") and view_ndim == 3 else "bitshuffle"
+    return cname, (own or shuffle) if cname != "none" else "noshuffle"
+
+
+def blosc(cname: str, shuffle: str, clevel: int, typesize: int) -> Blosc | None:
+    """The numcodecs Blosc that encodes a chunk as the store does (None for `none`)."""
+    from numcodecs import Blosc
+    if cname == "none":
+        return None
+    order = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}[shuffle]
+    return Blosc(cname=cname, clevel=clevel, shuffle=order, typesize=typesize)
+
+
+def zarr_compressors(cname: str, shuffle: str, clevel: int) -> list:
+    """The bytes-to-bytes codecs of one array's chunks: the compressor (if any), then CRC-32C."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+    crc = Crc32cCodec()
+    if cname == "none":
+        return [crc]
+    return [BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle), crc]
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """`["features=lz4", "features/layer3=zstd"]` -> mapping; raises ValueError naming a bad item."""
+    """`["features=lz4", "features/layer3=zstd:noshuffle"]` -> mapping; raises ValueError naming a bad item."""
     out = {}
     for item in items:
         name, sep, codec = item.partition("=")
-        if not sep or not name or codec not in CODECS:
-            raise ValueError(f"{item!r} is not NAME=CODEC with CODEC one of {', '.join(CODECS)}")
+        try:
+            if not (sep and name):
+                raise ValueError(item)
+            parse_codec(codec)
+        except ValueError:
+            raise ValueError(f"{item!r} is not NAME=CODEC (NAME an array or group such as features or "
+                             f"features/layer3, CODEC {GRAMMAR})") from None
         out[name] = codec
     return out
 

@@ -86,6 +86,7 @@ def open_store(cfg: Config, path: Path, layout: Layout, ident: dict, prov: dict,
     c = cfg.cache
     return CacheStore.create_or_open(path, layout, ident, prov, codec=c.codec,
                                      codec_overrides=parse_overrides(c.codec_overrides), clevel=c.clevel,
+                                     shuffle=c.shuffle,
                                      params=params, overwrite=overwrite)
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numcodecs import Blosc
 
 from infra.config import Config
 from teacher_cache.datasets import load_split
 from teacher_cache.fit import build_teacher
-from teacher_cache.codecs import codec_for, parse_overrides, quantize
+from teacher_cache.codecs import blosc, parse_overrides, quantize, resolve
 from teacher_cache.job import ROLES, plan
 from teacher_cache.views import apply_views, sample_views
 from teacher_cache.writers import shm_free, slot_bytes
@@ -31,11 +30,11 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def _ratio(a: np.ndarray, codec: str, clevel: int) -> float:
-    if codec == "none":
+def _ratio(a: np.ndarray, cname: str, shuffle: str, clevel: int) -> float:
+    if cname == "none":
         return 1.0
     raw = np.ascontiguousarray(a)
-    return raw.nbytes / max(1, len(Blosc(cname=codec, clevel=clevel, shuffle=Blosc.BITSHUFFLE).encode(raw)))
+    return raw.nbytes / max(1, len(blosc(cname, shuffle, clevel, raw.dtype.itemsize).encode(raw)))
 
 
 def size_report(cfg: Config) -> str:
@@ -70,8 +69,8 @@ def size_report(cfg: Config) -> str:
         role_raw = role_est = 0.0
         for name, per_sample in layout.bytes_per_sample().items():
             shape = layout.arrays()[name][0][1:]
-            codec = codec_for(name, cfg.cache.codec, overrides)
-            ratio = _ratio(samples[name], codec, cfg.cache.clevel) if name in samples else 1.0
+            cname, shuffle = resolve(name, len(shape) - 1, cfg.cache.codec, cfg.cache.shuffle, overrides)
+            ratio = _ratio(samples[name], cname, shuffle, cfg.cache.clevel) if name in samples else 1.0
             raw = per_sample * n
             role_raw += raw
             role_est += raw / ratio
@@ -87,6 +86,6 @@ def size_report(cfg: Config) -> str:
         grand_est += role_est
     codecs = ", ".join([f"default {cfg.cache.codec}", *cfg.cache.codec_overrides])
     lines.append(f"all stores: {_human(grand_raw)} uncompressed, about {_human(grand_est)} stored "
-                 f"(codecs: {codecs}; Blosc level {cfg.cache.clevel}, bitshuffle); "
+                 f"(codecs: {codecs}; Blosc level {cfg.cache.clevel}, shuffle {cfg.cache.shuffle}); "
                  f"the FFCV file adds about the same again")
     return "\n".join(lines)

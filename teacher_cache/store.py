@@ -44,7 +44,7 @@ from zarr.storage import WrapperStore
 from infra import storage
 from infra.errors import UserError
 from teacher_cache import shards
-from teacher_cache.codecs import codec_for, zarr_compressors
+from teacher_cache.codecs import resolve, zarr_compressors
 from teacher_cache.layout import Layout
 
 FORMAT = "hakd-cache/2"
@@ -103,11 +103,12 @@ class CacheStore:
     @classmethod
     def create_or_open(cls, path: str | Path, layout: Layout, identity: dict, provenance: dict,
                        codec: str = "zstd", codec_overrides: dict[str, str] | None = None, clevel: int = 3,
-                       params: tuple[str, ...] = (), overwrite: bool = False) -> "CacheStore":
+                       shuffle: str = "auto", params: tuple[str, ...] = (), overwrite: bool = False) -> "CacheStore":
         """Open the store at `path` if it was written for the same identity, else create it.
 
         `codec` is every array's codec unless `codec_overrides` (array or group name -> codec) says
-        otherwise; `params` names the parameter groups the store must hold to be complete.
+        otherwise, with Blosc's `shuffle` where a codec names none (teacher_cache/codecs.py: resolve);
+        `params` names the parameter groups the store must hold to be complete.
         A store for another identity is refused (never mixed) unless `overwrite`.
         """
         path = str(path)
@@ -117,7 +118,8 @@ class CacheStore:
         for name, (shape, dtype) in layout.arrays().items():
             group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk_size, *shape[1:]),
                                shards=(layout.shard_size, *shape[1:]), fill_value=0,
-                               compressors=zarr_compressors(codec_for(name, codec, codec_overrides or {}), clevel))
+                               compressors=zarr_compressors(*resolve(name, len(shape) - 2, codec, shuffle,
+                                                                     codec_overrides or {}), clevel))
         group.create_array("units/done", shape=(layout.units,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=[Crc32cCodec()])
         group.create_array("units/xxh3", shape=(layout.units, len(layout.arrays())), dtype="uint64",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infra.config import ConfigError, load_config
-from teacher_cache.codecs import codec_for, dequantize, parse_overrides, quantize, scale_shape
+from teacher_cache.codecs import codec_for, dequantize, parse_codec, parse_overrides, quantize, resolve, scale_shape
 from teacher_cache.store import CacheStore
 from test_cache import IDENTITY, LAYOUT, PROVENANCE, random_unit
 
@@ -27,10 +27,27 @@ def test_codec_for_takes_the_longest_match():
     assert codec_for("features2", "none", {"features": "lz4"}) == "none"  # a group, not a name prefix
 
 
+def test_shuffle_auto_keeps_byte_order_for_cnn_maps_only():
+    ov = parse_overrides(["features/blocks.2=zstd:shuffle", "logits=none"])
+    assert resolve("features/layer3", 3, "lz4", "auto", ov) == ("lz4", "noshuffle")  # C x H x W per view
+    assert resolve("features/blocks.2", 2, "lz4", "auto", ov) == ("zstd", "shuffle")  # its own shuffle wins
+    assert resolve("features/blocks.2", 2, "lz4", "auto", {}) == ("lz4", "bitshuffle")  # ViT tokens
+    assert resolve("scales/layer3", 2, "lz4", "auto", ov) == ("lz4", "bitshuffle")
+    assert resolve("images", 3, "lz4:shuffle", "auto", ov) == ("lz4", "shuffle")
+    assert resolve("features/layer3", 3, "lz4", "bitshuffle", ov) == ("lz4", "bitshuffle")
+    assert resolve("logits", 1, "lz4", "auto", ov) == ("none", "noshuffle")
+    for bad in ("lz4:bits", "none:shuffle", "lz4:", "gzip"):
+        with pytest.raises(ValueError, match="is not CODEC or CODEC:SHUFFLE"):
+            parse_codec(bad)
+
+
 @pytest.mark.parametrize("key,value,match", [
-    ("cache.codec", "gzip", "cache.codec: 'gzip' is not one of none, lz4, zstd"),
+    ("cache.codec", "gzip", "cache.codec: 'gzip' is not CODEC or CODEC:SHUFFLE, CODEC one of none, lz4, zstd"),
+    ("cache.codec", "lz4:bits", "cache.codec: 'lz4:bits' is not CODEC or CODEC:SHUFFLE"),
+    ("cache.shuffle", "bits", "cache.shuffle: 'bits' is not one of auto, bitshuffle, shuffle, noshuffle"),
     ("cache.codec_overrides", "[features]", "cache.codec_overrides: 'features' is not NAME=CODEC"),
     ("cache.codec_overrides", "[features=brotli]", "cache.codec_overrides: 'features=brotli'"),
+    ("cache.codec_overrides", "[features=none:shuffle]", "cache.codec_overrides: 'features=none:shuffle'"),
     ("cache.feature_dtype", "bfloat16", "cache.feature_dtype: 'bfloat16' is not float16 or int8"),
     ("cache.writers", "-1", "cache.writers: must be >= 0"),
 ])
@@ -42,13 +59,13 @@ def test_config_refuses_bad_cache_values(key, value, match):
 def test_store_writes_each_array_with_its_codec(tmp_path):
     path = tmp_path / "s.zarr"
     store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE, codec="none",
-                                      codec_overrides={"features": "lz4", "features/layer3": "zstd"})
-    want = {"images": "none", "labels": "none", "views": "none", "logits": "none",
-            "features/blocks.2": "lz4", "features/layer3": "zstd"}
+                                      codec_overrides={"features": "lz4", "features/layer3": "zstd", "logits": "lz4:shuffle"})
+    want = {"images": "none", "labels": "none", "views": "none", "logits": ("lz4", "shuffle"),
+            "features/blocks.2": ("lz4", "bitshuffle"), "features/layer3": ("zstd", "noshuffle")}  # shuffle auto
     for name, codec in want.items():
         meta = json.loads((path / name / "zarr.json").read_text())
         inner = meta["codecs"][0]["configuration"]["codecs"]
-        blosc = [c["configuration"]["cname"] for c in inner if c["name"] == "blosc"]
+        blosc = [(c["configuration"]["cname"], c["configuration"]["shuffle"]) for c in inner if c["name"] == "blosc"]
         assert blosc == ([] if codec == "none" else [codec]), name
         assert inner[-1]["name"] == "crc32c", name
     rng = np.random.default_rng(0)

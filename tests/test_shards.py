@@ -39,7 +39,7 @@ def shard_bytes(store: CacheStore, name: str, u: int) -> bytes:
 
 # n=40: the last unit holds 8 of 16 rows (whole chunks); n=37: 5 rows (a padded chunk, then absent chunks)
 @pytest.mark.parametrize("n", [40, 37])
-@pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd", "lz4:shuffle", "zstd:noshuffle"])
 @pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
 def test_shards_are_zarrs_own_bytes(tmp_path, n, codec, feature_dtype):
     lay = layout(n, feature_dtype)

@@ -287,7 +287,7 @@ def run(ctx: Context) -> dict:
             "teachers": {r["teacher"]: {k: v for k, v in r.items() if k != "teacher"} for r in rows.values()},
             "params": {"images": p.cache_images or p.n_images, "views": p.views, "image_size": p.image_size,
                        "batch": p.cache_batch, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
-                       "codec": c.codec, "codec_overrides": c.codec_overrides, "clevel": c.clevel,
+                       "codec": c.codec, "codec_overrides": c.codec_overrides, "shuffle": c.shuffle, "clevel": c.clevel,
                        "feature_dtype": c.feature_dtype, "writers": c.writers, "store_dir": p.store_dir or "tmp",
                        "amp_bf16": p.device == "cuda", "repeats": p.cache_repeats or p.repeats,
                        "breakdown_units": p.breakdown_units,

@@ -1,8 +1,9 @@
 """Codec figures on a store's real arrays: `python -m infra.bench.codecs STORE [STORE ...]`.
 
 For every per-sample array of each store (up to `--units` shards, decoded once), each codec of
-`cache.codec` is applied chunk by chunk as the store applies it (Blosc, bitshuffle, the configured
-level, one thread): compression ratio, encode MB/s and decode MB/s of uncompressed bytes. For float16
+`cache.codec` with each of Blosc's byte orders (`lz4:bitshuffle`, `lz4:shuffle`, `lz4:noshuffle`, the same
+for zstd) is applied chunk by chunk as the store applies it (the configured level, one thread):
+compression ratio, encode MB/s and decode MB/s of uncompressed bytes. For float16
 features it also reports what `cache.feature_dtype: int8` would keep: the cosine similarity of the
 dequantised tokens to the float16 ones (mean and minimum over tokens) and the relative error.
 Prints one JSON line per store, and a Markdown table with --table.
@@ -16,10 +17,12 @@ import time
 
 import numpy as np
 import torch
-from numcodecs import Blosc
 
-from teacher_cache.codecs import CODECS, dequantize, quantize, token_axis
+from teacher_cache.codecs import SHUFFLES, blosc, dequantize, parse_codec, quantize, token_axis
 from teacher_cache.store import CacheStore
+
+
+SPECS = ("none", *(f"{c}:{sh}" for c in ("lz4", "zstd") for sh in SHUFFLES[1:]))  # every codec and byte order
 
 
 def _best_seconds(fn, repeats: int = 3) -> float:
@@ -31,14 +34,15 @@ def _best_seconds(fn, repeats: int = 3) -> float:
     return best
 
 
-def codec_figures(chunks: list[np.ndarray], codec: str, clevel: int) -> dict:
+def codec_figures(chunks: list[np.ndarray], spec: str, clevel: int) -> dict:
     raw = sum(c.nbytes for c in chunks)
-    if codec == "none":
+    cname, shuffle = parse_codec(spec)
+    if cname == "none":
         return {"ratio": 1.0, "encode_mb_s": None, "decode_mb_s": None}
-    blosc = Blosc(cname=codec, clevel=clevel, shuffle=Blosc.BITSHUFFLE)
-    encoded = [blosc.encode(c) for c in chunks]
-    enc = _best_seconds(lambda: [blosc.encode(c) for c in chunks])
-    dec = _best_seconds(lambda: [blosc.decode(e) for e in encoded])
+    b = blosc(cname, shuffle or "bitshuffle", clevel, chunks[0].dtype.itemsize)
+    encoded = [b.encode(c) for c in chunks]
+    enc = _best_seconds(lambda: [b.encode(c) for c in chunks])
+    dec = _best_seconds(lambda: [b.decode(e) for e in encoded])
     return {"ratio": round(raw / sum(len(e) for e in encoded), 4), "encode_mb_s": round(raw / enc / 1e6),
             "decode_mb_s": round(raw / dec / 1e6)}
 
@@ -66,7 +70,7 @@ def measure(path: str, units: int, clevel: int) -> dict:
         data = store.group[name][:hi]
         chunks = [np.ascontiguousarray(data[i:i + lay.chunk_size]) for i in range(0, hi, lay.chunk_size)]
         row = {"dtype": dtype, "mb": round(data.nbytes / 1e6, 2),
-               "codecs": {c: codec_figures(chunks, c, clevel) for c in CODECS}}
+               "codecs": {c: codec_figures(chunks, c, clevel) for c in SPECS}}
         if name.startswith("features/") and dtype == "float16":
             row["int8"] = int8_figures(data, len(shape) - 2)
         out["arrays"][name] = row
@@ -74,16 +78,18 @@ def measure(path: str, units: int, clevel: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| teacher | array | MB | lz4 ratio | lz4 enc / dec MB/s | zstd ratio | zstd enc / dec MB/s | "
+    def three(a: dict, cname: str, key: str) -> str:
+        return " / ".join(f"{a['codecs'][f'{cname}:{sh}'][key]:{'.3f' if key == 'ratio' else ''}}" for sh in SHUFFLES[1:])
+    lines = ["| teacher | array | MB | lz4 ratio | lz4 encode MB/s | zstd ratio | zstd encode MB/s | "
              "int8 cosine mean (min) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, a in r["arrays"].items():
-            lz, zs = a["codecs"]["lz4"], a["codecs"]["zstd"]
             i8 = a.get("int8")
-            lines.append(f"| {r['teacher']} | {name} | {a['mb']} | {lz['ratio']:.3f} | {lz['encode_mb_s']} / "
-                         f"{lz['decode_mb_s']} | {zs['ratio']:.3f} | {zs['encode_mb_s']} / {zs['decode_mb_s']} | "
+            lines.append(f"| {r['teacher']} | {name} | {a['mb']} | {three(a, 'lz4', 'ratio')} | "
+                         f"{three(a, 'lz4', 'encode_mb_s')} | {three(a, 'zstd', 'ratio')} | "
+                         f"{three(a, 'zstd', 'encode_mb_s')} | "
                          + (f"{i8['cosine_mean']:.5f} ({i8['cosine_min']:.4f}) |" if i8 else "|"))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n(each cell: bitshuffle / shuffle / noshuffle)"
 
 
 def main(argv: list[str] | None = None) -> int:

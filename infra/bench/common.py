@@ -178,7 +178,8 @@ class Context:
             "teacher_vit": {"name": p.vit}, "teacher_cnn": {"name": p.cnn},
             "cache": {"views": p.views, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
                       "batch_size": p.cache_batch, "codec": p.codec, "feature_dtype": p.feature_dtype,
-                      "codec_overrides": [o for o in p.codec_overrides.split(",") if o], "writers": p.writers},
+                      "codec_overrides": [o for o in p.codec_overrides.split(",") if o], "shuffle": p.shuffle,
+                      "writers": p.writers},
             "train": {"arch": p.student, "batch_size": p.train_batch, "loader_workers": p.loader_workers,
                       "device": p.device, "amp": p.amp, "channels_last": p.channels_last},
         })

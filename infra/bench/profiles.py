@@ -41,6 +41,7 @@ class Profile:
     store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
     codec: str = "lz4"             # cache: cache.codec of the bench stores
     codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
+    shuffle: str = "auto"          # cache: cache.shuffle (Blosc's byte order)
     feature_dtype: str = "float16"  # cache: cache.feature_dtype
     writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto, teacher_cache/writers.py)
     disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk

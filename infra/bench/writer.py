@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.provenance import commit, now, versions
-from teacher_cache.codecs import CODECS
+from teacher_cache.codecs import GRAMMAR, parse_codec
 from teacher_cache.layout import Layout
 from teacher_cache.store import CacheStore, shard_key
 
@@ -90,7 +90,7 @@ def measure(codec: str, threads: int, units: int, directory: str, shard_size: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infra.bench.writer", description=__doc__.splitlines()[0])
-    ap.add_argument("--codec", default="lz4,none", help=f"comma-separated, of {', '.join(CODECS)}")
+    ap.add_argument("--codec", default="lz4,none", help=f"comma-separated, each {GRAMMAR}")
     ap.add_argument("--threads", type=int, default=1, help="encoding threads of the writer (cache actors: CPUs per writer)")
     ap.add_argument("--units", type=int, default=4)
     ap.add_argument("--dir", default=f"{tempfile.gettempdir()},/dev/shm", help="comma-separated folders for the "
@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=64)
     a = ap.parse_args(argv)
     codecs = a.codec.split(",")
-    if bad := [c for c in codecs if c not in CODECS]:
-        ap.error(f"unknown codec {bad[0]!r}; choose from {', '.join(CODECS)}")
+    for c in codecs:
+        try:
+            parse_codec(c)
+        except ValueError as e:
+            ap.error(str(e))
     runs = [measure(c, a.threads, a.units, d, a.shard_size, a.chunk_size) for d in a.dir.split(",") for c in codecs]
     print(json.dumps({"bench": "writer", "created": now(), "commit": commit(), "versions": versions(), "runs": runs}))
     return 0
