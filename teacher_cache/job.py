@@ -176,9 +176,12 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
             store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
         store.mark_pending(store.bad_units())  # repair: damaged shards are rewritten
         todo = store.pending_units()
-        nodes = []
+        nodes, rate = [], None
         if todo:
-            nodes = _run_units(cfg, role, out, path, todo, refs, gpus, desc=f"cache {role} ({teacher.spec.name})")
+            began = time.time()
+            nodes = _run_units(cfg, role, out, path, todo, refs, gpus, layout,
+                               desc=f"cache {role} ({teacher.spec.name})")
+            rate = round(_image_views(layout, todo) / (time.time() - began), 1)
         # each unit was checksummed as written and marked done only once durable: nothing is read back
         left = store.pending_units()
         if left:
@@ -187,7 +190,7 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
                            complete=True)
         summary[role] = {"store": str(path), "units_written": len(todo), "units": layout.units,
                          "teacher_clean_accuracy": info["clean_accuracy"], "seconds": round(time.time() - start, 1),
-                         "nodes": nodes}
+                         "image_views_per_s": rate, "nodes": nodes}
     return summary
 
 
@@ -218,9 +221,15 @@ def probe_actor_nodes(cfg: Config, out: Path, gpus: int) -> None:
         storage.delete(mark[0])
 
 
+def _image_views(layout: Layout, units: list[int]) -> int:
+    """Teacher inputs of the units: each sample's views."""
+    return sum(hi - lo for lo, hi in map(layout.unit_range, units)) * layout.views
+
+
 def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[int], refs, gpus: int,
-               desc: str) -> list[str]:
-    """Write the units `todo` from Ray actors; returns the nodes the actors ran on."""
+               layout: Layout, desc: str) -> list[str]:
+    """Write the units `todo` from Ray actors, with a progress bar in teacher inputs (image-views) per second;
+    returns the nodes the actors ran on."""
     import ray
 
     from teacher_cache.worker import CacheWorker  # the actor's module imports this one
@@ -242,7 +251,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
         storage.delete(mark[0])
     waiting = list(todo)
     inflight = {}
-    bar = tqdm(total=len(todo), desc=desc, unit="shard")
+    bar = tqdm(total=_image_views(layout, todo), desc=desc, unit="img", unit_scale=True)
     try:
         for a in [*actors, *actors]:  # two calls queued per actor: it starts the next unit as soon as one returns
             if waiting:
@@ -250,11 +259,11 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(ready[0])
-            bar.update(len(ray.get(ready[0])))
+            bar.update(_image_views(layout, ray.get(ready[0])))
             if waiting:
                 inflight[actor.process.remote(waiting.pop(0))] = actor
         for done in ray.get([a.drain.remote() for a in actors]):
-            bar.update(len(done))
+            bar.update(_image_views(layout, done))
         ray.get([a.close.remote() for a in actors])  # writer processes stopped, shared buffers freed
     finally:
         bar.close()
