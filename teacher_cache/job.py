@@ -216,7 +216,7 @@ def probe_actor_nodes(cfg: Config, out: Path, gpus: int) -> None:
         ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
                  for node in actor_nodes(cfg, gpus)])
     except ray.exceptions.RayTaskError as e:
-        raise _startup_error(e) from None
+        raise _from_actor(e) from None
     finally:
         storage.delete(mark[0])
 
@@ -246,7 +246,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
     except ray.exceptions.RayActorError as e:
         for a in actors:
             ray.kill(a)
-        raise _startup_error(e) from None
+        raise _from_actor(e) from None
     finally:
         storage.delete(mark[0])
     waiting = list(todo)
@@ -265,6 +265,8 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
         for done in ray.get([a.drain.remote() for a in actors]):
             bar.update(_image_views(layout, done))
         ray.get([a.close.remote() for a in actors])  # writer processes stopped, shared buffers freed
+    except ray.exceptions.RayTaskError as e:  # a unit failed: its writer's error, in one line
+        raise _from_actor(e) from None
     finally:
         bar.close()
         for a in actors:
@@ -272,9 +274,9 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
     return nodes
 
 
-def _startup_error(e: Exception) -> Exception:
-    """The user's one-line error out of an actor that died starting (Ray keeps only its text): a location
-    the actor's node cannot use, or a store or teacher it cannot open; anything else as it came."""
+def _from_actor(e: Exception) -> Exception:
+    """The user's one-line error out of an actor's failure (Ray keeps only its text): a location the actor's
+    node cannot use, a store or teacher it cannot open or write (a full disk); anything else as it came."""
     for line in reversed(str(e).splitlines()):
         m = re.match(r"\S*(StorageError|StoreError|FileNotFoundError): (.+)", line.strip())
         if m:

@@ -78,6 +78,36 @@ def test_writer_error_reaches_the_caller(tmp_path):
         pool.close()
 
 
+def test_a_shard_that_cannot_be_written_is_one_line_naming_the_fix(tmp_path, ray_session):
+    """A file the writer cannot write (a full disk, or here a file where a folder should be) is a StoreError
+    in the writer process, with the unit left pending; out of a Ray actor it is still that one line."""
+    path = tmp_path / "s.zarr"
+    store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE)
+    (path / "features" / "layer3" / "c").write_bytes(b"in the way")
+    slots = SharedSlots(LAYOUT.unit_spec(), 2, pin=False)
+    pool = WriterPool(str(path), slots, 1)
+    try:
+        slot = slots.acquire()
+        with pytest.raises(StoreError, match=r"cannot write unit 0 of cache store .*s\.zarr \(features/layer3/c/0.*"
+                                             r"check that location .* re-run `hakd cache` with the same config"):
+            pool.result(pool.submit(0, slot, fill(slots, slot, random_unit(LAYOUT, 0, np.random.default_rng(0)))))
+    finally:
+        pool.close()
+    assert store.pending_units() == [0, 1, 2]
+
+    import ray
+    from teacher_cache.job import _from_actor
+
+    @ray.remote
+    def fail():
+        raise StoreError("cannot write unit 3 of cache store /x (features/l/c/3/0/0: No space left on device); "
+                         "free space there")
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(fail.remote())
+    err = _from_actor(raised.value)
+    assert type(err) is StoreError and str(err).startswith("cannot write unit 3") and "\n" not in str(err)
+
+
 def test_dead_writer_is_reported_and_its_unit_stays_pending(tmp_path):
     path = tmp_path / "s.zarr"
     store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE)
