@@ -1,5 +1,6 @@
-"""The teacher cache: store format, verification, repair, resume, identity, replayed views (tests/test_views.py,
-tests/test_cache_sizing.py and tests/test_cache_integrity.py hold the rest).
+"""The teacher cache end to end: one tiny `run_cache` and what it must do: repair, resume, identity, replayed
+views (the store on its own: tests/test_cache_store.py; tests/test_views.py, tests/test_cache_sizing.py and
+tests/test_cache_integrity.py hold the rest).
 
 The end-to-end tests share one tiny `run_cache` (module fixture `base_run`, 64 images, 2 shards per
 teacher) and work on copies of its output directory, so they can damage stores freely.
@@ -7,217 +8,19 @@ teacher) and work on copies of its output directory, so they can damage stores f
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
-from infra.cli import main as cli_main
-from infra.config import load_config
 from teacher_cache.job import ROLES, run_cache, store_path
 from teacher_cache.layout import Layout
-from teacher_cache.store import CacheStore, StoreError, file_checksum
+from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views, sample_views
 
-from conftest import TINY
-
-# even smaller than TINY: 64 images = 2 shards of 32 per teacher, one actor; the ViT trains one epoch
-# (covers fit determinism), the CNN stays at its seeded init (its fit costs seconds on 2 cores)
-SMALL = [*TINY, "data.train_size=64", "cache.workers=1", "teacher_cnn.fit_epochs=0"]
-
-
-def small_cfg(*extra: str):
-    return load_config(None, [*SMALL, *extra])
-
-
-# ---------------------------------------------------------------- helpers
-
-LAYOUT = Layout(n=40, views=3, image_size=8, num_classes=10, layers={"blocks.2": (5, 6), "layer3": (4, 3, 3)},
-                shard_size=16, chunk_size=8)  # 3 units, the last one partial (8 samples)
-IDENTITY = {"teacher": "t", "views": {"k": 3, "seed": 0}, "dataset": {"name": "shapes", "n": 40},
-            "layers": {"blocks.2": (5, 6)}}
-PROVENANCE = {"commit": "abc", "versions": {"zarr": zarr.__version__}}
-
-
-def random_unit(layout: Layout, u: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    lo, hi = layout.unit_range(u)
-    out = {}
-    for name, (shape, dtype) in layout.arrays().items():
-        shape = (hi - lo, *shape[1:])
-        if dtype == "uint8":
-            out[name] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif dtype == "int64":
-            out[name] = rng.integers(0, 10, shape).astype(np.int64)
-        else:
-            out[name] = rng.normal(size=shape).astype(np.float32)  # the store casts to its dtype
-    return out
-
-
-def make_store(path: Path, seed: int = 0) -> tuple[CacheStore, dict[str, np.ndarray]]:
-    """A store with every unit written from random arrays; returns it and the expected full arrays."""
-    store = CacheStore.create_or_open(path, LAYOUT, IDENTITY, PROVENANCE, clevel=5)
-    rng = np.random.default_rng(seed)
-    parts = {name: [] for name in LAYOUT.arrays()}
-    for u in range(LAYOUT.units):
-        arrays = random_unit(LAYOUT, u, rng)
-        store.write_unit(u, arrays)
-        for name, a in arrays.items():
-            parts[name].append(a.astype(LAYOUT.arrays()[name][1]))
-    return store, {name: np.concatenate(p) for name, p in parts.items()}
-
-
-def shard_files(store_dir: Path, array: str, u: int) -> list[Path]:
-    """The file(s) holding unit u's shard of `array`."""
-    root = Path(store_dir) / array / "c" / str(u)
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-    assert files, f"no shard file for {array} unit {u} under {root}"
-    return files
-
-
-def corrupt_middle(f: Path, n: int = 16) -> None:
-    data = bytearray(f.read_bytes())
-    assert len(data) > 4 * n, f"{f} too small to corrupt in the middle"
-    mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
-    f.write_bytes(bytes(data))
-
-
-def snapshot(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a zarr group (recursively), read into memory."""
-    g = zarr.open_group(str(path), mode="r")
-    return {name: obj[...] for name, obj in g.members(max_depth=None) if isinstance(obj, zarr.Array)}
-
-
-def assert_same_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
-        assert got[name].tobytes() == want[name].tobytes(), f"array {name} differs"
-
-
-def file_states(root: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file under root."""
-    return {str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
-            for f in sorted(Path(root).rglob("*")) if f.is_file()}
-
-
-# ---------------------------------------------------------------- 1. store round trip
-
-def test_store_round_trip_layout_and_codec(tmp_path):
-    path = tmp_path / "s.zarr"
-    _, want = make_store(path)
-    store = CacheStore.open(path)
-    assert store.layout == LAYOUT
-    assert store.done_units().all() and store.pending_units() == []
-    for name, (shape, dtype) in LAYOUT.arrays().items():
-        got = store.group[name][...]
-        assert got.shape == shape and str(got.dtype) == dtype, name
-        np.testing.assert_array_equal(got, want[name], err_msg=name)
-    for layer in LAYOUT.layers:
-        assert store.group[f"features/{layer}"].dtype == np.float16
-    assert store.group["logits"].dtype == np.float16
-    # column j of unit u is the checksum of array j's shard file of that unit, as written
-    sums = store.group["units/xxh3"][...]
-    for u in range(LAYOUT.units):
-        assert [file_checksum(shard_files(path, n, u)[0].read_bytes()) for n in store.names] == sums[u].tolist()
-
-    attrs = store.attrs
-    assert attrs["format"] == "hakd-cache/2"
-    assert attrs["identity"] == json.loads(json.dumps(IDENTITY))  # tuples stored as lists
-    assert attrs["provenance"] == PROVENANCE
-    assert attrs["layout"] == {"n": 40, "views": 3, "image_size": 8, "num_classes": 10,
-                               "layers": {"blocks.2": [5, 6], "layer3": [4, 3, 3]},
-                               "shard_size": 16, "chunk_size": 8, "feature_dtype": "float16"}
-
-    # chunks, shards and codec, from the arrays' own metadata and from zarr.json on disk
-    for name, (shape, _) in LAYOUT.arrays().items():
-        a = store.group[name]
-        assert a.shards == (16, *shape[1:]), name
-        assert a.chunks == (8, *shape[1:]), name
-        meta = json.loads((path / name / "zarr.json").read_text())
-        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [16, *shape[1:]]
-        (sharding,) = meta["codecs"]
-        assert sharding["name"] == "sharding_indexed"
-        assert sharding["configuration"]["chunk_shape"] == [8, *shape[1:]]
-        inner = [c["name"] for c in sharding["configuration"]["codecs"]]
-        assert inner == ["bytes", "blosc", "crc32c"], name  # zarr checks every chunk on read
-        assert [c["name"] for c in sharding["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
-        blosc = [c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc"]
-        assert blosc[0]["configuration"]["cname"] == "zstd"
-        cnn_map = name.startswith("features/") and len(shape) == 5  # (N, K, C, H, W): shuffle auto keeps byte order
-        assert blosc[0]["configuration"]["shuffle"] == ("noshuffle" if cnn_map else "bitshuffle"), name
-        assert blosc[0]["configuration"]["clevel"] == 5
-    # one shard file per unit: the unit of writing is the shard
-    assert len(shard_files(path, "features/layer3", 2)) == 1
-    assert not (path / "features" / "layer3" / "c" / "3").exists()
-
-    with pytest.raises(StoreError, match="unit 0: array labels has shape"):
-        bad = random_unit(LAYOUT, 0, np.random.default_rng(1))
-        bad["labels"] = bad["labels"][:-1]
-        store.write_unit(0, bad)
-    assert store.done_units().all() and store.verify() == []  # a refused write changes nothing
-
-
-# ---------------------------------------------------------------- 2. verify
-
-def test_verify_reports_damage_incomplete_and_nan(tmp_path, capsys):
-    path = tmp_path / "s.zarr"
-    store, _ = make_store(path)
-    assert store.verify() == []
-    assert cli_main(["verify", str(path)]) == 0
-    assert f"{path}: ok" in capsys.readouterr().out
-
-    # damaged bytes in the middle of unit 1's feature shard
-    (f,) = shard_files(path, "features/blocks.2", 1)
-    corrupt_middle(f)
-    problems = store.verify()
-    assert problems and all(p.startswith("unit 1 array features/blocks.2") for p in problems), problems
-    assert store.bad_units() == [1]
-
-    assert cli_main(["verify", str(path)]) == 1
-    out = capsys.readouterr().out
-    assert "unit 1 array features/blocks.2" in out
-    assert "re-run `hakd cache`" in out
-
-    # a unit whose done flag is 0 is incomplete, whatever its bytes
-    store.group["units/done"][2] = 0
-    assert "unit 2 (samples 32:40) is incomplete" in store.verify()
-    assert store.bad_units() == [1, 2]
-
-    # a value changed through zarr (the recorded checksum is not updated) is reported
-    store.group["logits"][3, 1, 4] = 7.0
-    assert "unit 0 array logits: checksum mismatch (shard damaged)" in store.verify()
-    assert store.bad_units() == [0, 1, 2]
-    # NaN or Inf from a teacher is refused before anything is written
-    bad = random_unit(LAYOUT, 0, np.random.default_rng(2))
-    bad["features/layer3"][0, 0, 0, 0, 0] = np.inf
-    with pytest.raises(StoreError, match="unit 0: array features/layer3 holds NaN or Inf"):
-        store.write_unit(0, bad)
-    assert store.done_units().tolist() == [True, True, False]
-
-
-def test_write_unit_replaces_truncated_shards(tmp_path):
-    """A killed writer leaves truncated shards; rewriting the unit must not trip over them (also the partial last one)."""
-    path = tmp_path / "s.zarr"
-    store, _ = make_store(path)
-    for u in (1, 2):
-        for name in store.names:
-            for f in shard_files(path, name, u):
-                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert store.bad_units() == [1, 2]
-    rng = np.random.default_rng(7)
-    for u in (1, 2):
-        arrays = random_unit(LAYOUT, u, rng)
-        store.write_unit(u, arrays)
-        lo, hi = LAYOUT.unit_range(u)
-        np.testing.assert_array_equal(store.group["features/layer3"][lo:hi],
-                                      arrays["features/layer3"].astype(np.float16))
-    assert store.verify() == []
-
+from cache_helpers import assert_same_arrays, corrupt_middle, file_states, shard_files, small_cfg, snapshot
 
 # ---------------------------------------------------------------- end-to-end: one tiny cache run
 

@@ -14,7 +14,7 @@ import zarr
 
 from infra.cli import main as cli_main
 from teacher_cache.store import NO_FILE, CacheStore, StoreError, file_checksum
-from test_cache import IDENTITY, LAYOUT, PROVENANCE, corrupt_middle, random_unit, shard_files
+from cache_helpers import IDENTITY, LAYOUT, PROVENANCE, corrupt_middle, random_unit, shard_files
 
 PARAMS = {"attn.qkv.weight": np.random.default_rng(3).normal(size=(18, 6)),
           "attn.qkv.bias": np.zeros(18), "norm1.weight": np.ones(6)}

@@ -14,7 +14,8 @@ import psutil
 
 from teacher_cache.job import ROLES, run_cache, store_path
 from teacher_cache.store import CacheStore
-from test_cache import SMALL, assert_same_arrays, base_run, snapshot  # noqa: F401 (base_run: a fixture)
+from cache_helpers import SMALL, assert_same_arrays, snapshot
+from test_cache import base_run  # noqa: F401 (a fixture)
 from test_cache_writers import _ours_in_shm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 
 from infra.cli import main as cli_main
 from teacher_cache.job import ROLES
-from test_cache import SMALL, small_cfg
+from cache_helpers import SMALL, small_cfg
 
 
 def test_cache_dry_run_prints_sizes(tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.writers import SharedSlots, WriterPool
-from test_cache import IDENTITY, LAYOUT, PROVENANCE, make_store, random_unit, snapshot, assert_same_arrays
+from cache_helpers import IDENTITY, LAYOUT, PROVENANCE, assert_same_arrays, make_store, random_unit, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ import sys, time, numpy as np
 sys.path[:0] = [{root!r}, {tests!r}]
 from teacher_cache.store import CacheStore
 from teacher_cache.writers import SharedSlots, WriterPool
-from test_cache import IDENTITY, LAYOUT, PROVENANCE
+from cache_helpers import IDENTITY, LAYOUT, PROVENANCE
 CacheStore.create_or_open({path!r}, LAYOUT, IDENTITY, PROVENANCE)
 slots = SharedSlots(LAYOUT.unit_spec(), 3, pin=False)
 pool = WriterPool({path!r}, slots, 2)

@@ -12,7 +12,7 @@ import torch
 from infra.config import ConfigError, load_config
 from teacher_cache.codecs import codec_for, dequantize, parse_codec, parse_overrides, quantize, resolve, scale_shape
 from teacher_cache.store import CacheStore
-from test_cache import IDENTITY, LAYOUT, PROVENANCE, random_unit
+from cache_helpers import IDENTITY, LAYOUT, PROVENANCE, random_unit
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizer
 

@@ -93,7 +93,7 @@ def test_units_written_to_the_bucket_are_the_local_stores_bytes(s3_env, monkeypa
     import numpy as np
 
     from teacher_cache.store import CacheStore, shard_key
-    from tests.test_cache import IDENTITY, LAYOUT, PROVENANCE, random_unit
+    from cache_helpers import IDENTITY, LAYOUT, PROVENANCE, random_unit
     use_s3(monkeypatch, s3_env)
     url = f"s3://{BUCKET}/units/t.zarr"
     remote = CacheStore.create_or_open(url, LAYOUT, IDENTITY, PROVENANCE, codec="lz4")
