@@ -2,7 +2,7 @@
 included), parameter groups are written as a unit, zarr rejects damaged chunks on read, stores of the
 old format are refused with the fix, and file checksums see rewrites that CRC-32C cannot.
 
-Store-level tests on the synthetic layout of tests/test_cache.py: no teacher, no Ray, well under a second each.
+Store-level tests on the synthetic layout of tests/cache_helpers.py: no teacher, no Ray, well under a second each.
 """
 from __future__ import annotations
 
