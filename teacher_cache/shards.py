@@ -10,9 +10,13 @@ so the only passes over the bytes are the codec's, CRC-32C's, XXH3's and the wri
 
 The format (zarr's sharding codec, index at the end): the chunks in order, each `encoded + crc32c`,
 then the index, (offset, length) per chunk as little-endian uint64 (all ones for a chunk outside the
-array), plus its CRC-32C. zarr reads the files (the store stays a plain zarr store); a test writes
-every array of several layouts both ways and compares the bytes, so a zarr that changes its format
-fails there, not in a user's store.
+array), plus its CRC-32C. Every chunk is written, also one that holds only the fill value (zarr does
+that with `write_empty_chunks`; by default it leaves such chunks out). zarr reads the files (the store
+stays a plain zarr store); a test writes every array of several layouts both ways and compares the
+bytes, so a zarr that changes its format fails there, not in a user's store.
+
+A file is written under a temporary name, fsynced, then renamed over the old one (as zarr's own local
+store does), so a reader never sees half a file and a hard-linked copy of the store keeps its own.
 """
 from __future__ import annotations
 
@@ -20,9 +24,15 @@ import os
 from concurrent.futures import Executor
 
 import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import xxhash
 from numcodecs import Blosc
+
+# One Blosc thread per call: a writer process is one core (its own encoding threads, if any, come from the
+# caller's pool); numcodecs would otherwise start up to 8 threads for calls from a process's main thread.
+# zarr sets the same when imported.
+numcodecs.blosc.use_threads = False
 
 NO_CHUNK = np.iinfo(np.uint64).max  # zarr's index entry for a chunk the shard does not hold
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -54,6 +64,7 @@ class ShardEncoder:
                 or endian != "little"
                 or [(n, getattr(e, "value", e)) for n, e in index] != [("BytesCodec", "little"), ("Crc32cCodec", None)]
                 or sharding.index_location.value != "end"
+                or array.fill_value != 0  # the last chunk of a short unit is padded with zeros
                 or not tuple(shard_shape[1:]) == tuple(chunk_shape[1:]) == tuple(array.shape[1:])):
             raise ValueError(f"array {array.path} has a chunk layout or codecs this writer does not encode: "
                              f"{sharding.to_dict()}")
@@ -103,9 +114,12 @@ def checksum(parts: list) -> int:
 
 
 def write_file(path: str, parts: list) -> None:
-    """Write the parts as the file at `path` (replacing it) and fsync it; the directories are made as needed."""
+    """Make the parts the file at `path`, durably: written under `path.partial`, fsynced, renamed over `path`
+    (a killed write leaves only the `.partial` file, which the unit's rewrite replaces). Folders are made
+    as needed; the file's mode is 0o666 less the umask, as zarr's."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp = path + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         for p in parts:
             view = memoryview(p).cast("B")
@@ -114,3 +128,4 @@ def write_file(path: str, parts: list) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.replace(tmp, path)

@@ -198,6 +198,18 @@ class CacheStore:
                 raise StoreError(f"unit {u}: array {name} holds NaN or Inf values (the teacher's output "
                                  f"overflowed); nothing was written")
             datas[name] = data
+        try:
+            self._write_unit(u, datas, pool)
+        except OSError as e:  # the unit stays pending: done is cleared first and set only after every file
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = ("free space there (`hakd cache --dry-run` estimates what the stores need) or set cache.location "
+                   "to a larger disk" if full else "check that location (permissions, mount, a file where a "
+                   "folder should be)")
+            what = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+            raise StoreError(f"cannot write unit {u} of cache store {self.path} ({what}); {fix}, then re-run "
+                             f"`hakd cache` with the same config and --out: finished units are kept") from None
+
+    def _write_unit(self, u: int, datas: dict[str, np.ndarray], pool: Executor | None) -> None:
         self.array("units/done")[u] = 0
         sums = []
         for name in self.names:  # each file replaces the old one whole: a damaged old shard is never read
@@ -206,7 +218,7 @@ class CacheStore:
             t1 = time.perf_counter()
             sums.append(shards.checksum(parts))
             t2 = time.perf_counter()
-            self._put(u, shard_key(name, len(self.layout.arrays()[name][0]), u), parts)
+            self._put(shard_key(name, len(self.layout.arrays()[name][0]), u), parts)
             self._add("encode", t1 - t0)
             self._add("checksum", t2 - t1)
             self._add("write", time.perf_counter() - t2)
@@ -223,24 +235,14 @@ class CacheStore:
                 self._encoders[name] = shards.ShardEncoder(self.group[name])
             return self._encoders[name]
 
-    def _put(self, u: int, key: str, parts: list) -> None:
-        """One shard file of unit u, durable when this returns: written and fsynced locally, one PUT to an
-        object store. A local file that cannot be written is a StoreError naming the fix; the unit stays
-        pending (marked done only after all its files), so a re-run rewrites it."""
+    def _put(self, key: str, parts: list) -> None:
+        """One shard file, durable when this returns: written and fsynced locally, one PUT to an object store."""
         if storage.is_url(self.path):
-            buf = default_buffer_prototype().buffer.from_bytes(b"".join(parts))
-            sync(self._zstore._store.set(key, buf))  # its checksum is taken already
-            return
-        try:
+            with storage.reported(f"cannot write {key} of cache store {self.path}"):
+                buf = default_buffer_prototype().buffer.from_bytes(b"".join(parts))
+                sync(self._zstore._store.set(key, buf))  # its checksum is taken already
+        else:
             shards.write_file(os.path.join(self.path, key), parts)
-        except OSError as e:
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            fix = ("free space there (`hakd cache --dry-run` estimates what the stores need) or set cache.location "
-                   "to a larger disk" if full else "check that location (permissions, mount, a file where a "
-                   "folder should be)")
-            raise StoreError(f"cannot write unit {u} of cache store {self.path} ({key}: {e.strerror or e}); {fix}, "
-                             f"then re-run `hakd cache` with the same config and --out: finished units are kept"
-                             ) from None
 
     def _add(self, stage: str, seconds: float) -> None:
         with self._lock:

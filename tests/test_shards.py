@@ -80,10 +80,18 @@ def test_encoder_refuses_a_layout_it_does_not_reproduce(tmp_path):
                                 serializer=zarr.codecs.BytesCodec(endian="big"))
     with pytest.raises(ValueError, match="does not encode"):
         ShardEncoder(big_endian)
+    filled_with_ones = g.create_array("c", shape=(8, 4), dtype="float32", chunks=(2, 4), shards=(4, 4), fill_value=1)
+    with pytest.raises(ValueError, match="does not encode"):  # a short unit's last chunk is padded with zeros
+        ShardEncoder(filled_with_ones)
 
 
-def test_write_file_replaces_a_longer_file(tmp_path):
+def test_write_file_replaces_the_file_whole(tmp_path):
+    """A new file under the old name (renamed over it): a hard-linked copy keeps the old bytes, a reader never
+    sees half a file, and no temporary file is left."""
     path = tmp_path / "d" / "f"
     write_file(str(path), [b"x" * 100])
+    (tmp_path / "snapshot").hardlink_to(path)
     write_file(str(path), [b"ab", np.arange(3, dtype=np.uint8), memoryview(b"cd")])
     assert path.read_bytes() == b"ab\x00\x01\x02cd"
+    assert (tmp_path / "snapshot").read_bytes() == b"x" * 100
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f"]
