@@ -164,7 +164,10 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
     except KeyboardInterrupt:
         raise Interrupted("while caching; finished shards are kept and the fitted teachers too") from None
     _mark_done(cfg, out, "cache", summary=summary)
-    return {"status": "ran", "detail": summary}
+    note = "; ".join(f"{role}: {r['units_written']} of {r['units']} units written"
+                     + (f", {r['image_views_per_s']:,.0f} img/s" if r.get("image_views_per_s") else "")
+                     for role, r in summary.items())
+    return {"status": "ran", "detail": summary, "note": note}
 
 
 # ---------------------------------------------------------------- train

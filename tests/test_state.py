@@ -53,12 +53,13 @@ def test_missing_trial_and_truncated_packed_file_are_redone(run_copy, capsys):
     assert {d: (d / "model.pt").stat().st_mtime_ns for d in kept} == before  # the whole trials were reused
 
 
-def test_damaged_teacher_file_is_refit_and_its_store_kept(run_copy):
+def test_damaged_teacher_file_is_refit_and_its_store_kept(run_copy, capsys):
     pt = run_copy / "teachers" / "teacher_cnn.pt"
     store = {p: s for p, s in files(run_copy / "cache").items()  # the shards; the metadata may be rewritten
              if "wrn_demo.zarr" in str(p) and "/units/" not in str(p) and p.name != "zarr.json"}
     truncate(pt)
     assert main(["cache", "--out", str(run_copy), *TINY]) == 0
+    assert "teacher_vit: 0 of 4 units written; teacher_cnn: 0 of 4 units written" in capsys.readouterr().out
     assert loads_tensors(pt)
     after = files(run_copy / "cache")
     assert all(after[p] == s for p, s in store.items())  # the deterministic refit matches the store: no shard rewritten
