@@ -6,11 +6,16 @@ holds an exclusive lock (flock) on the --out directory itself for its whole run,
 to --out; the kernel drops the lock when the process ends, however it ends (kill -9 too), so a stale
 lock never blocks. A lock on a local path only: on a network filesystem flock may not reach other
 machines, and where it fails outright (NFS on a directory) the command runs unguarded, as before.
+
+The processes a command starts that write below --out and can outlive it by seconds (a cache store's writer
+processes, a training trial's Ray worker) hold a shared lock on the directory they write (`lock_dir`), and the
+next command waits for such holders to go (`wait_until_unheld`) before it writes there itself.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +40,19 @@ def lock_dir(path, op: int) -> int:
     except OSError:
         pass
     return fd
+
+
+def wait_until_unheld(path, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` until no process holds a lock on directory `path`; True once none does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.close(lock_dir(path, fcntl.LOCK_EX | fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
 
 @contextmanager

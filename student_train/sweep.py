@@ -14,6 +14,7 @@ from its own last checkpoint.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import itertools
 import json
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 from infra.config import Config, TrainConfig, config_from_dict, dump_config
 from infra.errors import UserError
+from infra.exclusive import lock_dir, wait_until_unheld
 from infra.integrity import loads_tensors
 
 TUNE_DIR = "tune"  # OUT/train/tune/<experiment>/<trial>/: Tune's own result files
@@ -151,10 +153,27 @@ def _run_trial(config: dict, base: dict, out: str, beton: str, meta: dict, devic
     tcfg = trial_config(cfg, trial)
     d = trial_dir(Path(out), trial)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(dump_config(tcfg))
-    final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device, log=lambda *_: None,
-                          on_epoch=lambda metrics: tune.report(dict(metrics)))
-    write_summary(d, tcfg, trial, final)
+    held = lock_dir(d, fcntl.LOCK_SH)  # while this trial writes here: see wait_for_trial_processes
+    try:
+        (d / "config.yaml").write_text(dump_config(tcfg))
+        final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device, log=lambda *_: None,
+                              on_epoch=lambda metrics: tune.report(dict(metrics)))
+        write_summary(d, tcfg, trial, final)
+    finally:
+        os.close(held)
+
+
+def wait_for_trial_processes(out: Path, trials: list[Trial], log=print, timeout_s: float = 60.0) -> None:
+    """Return once no process still trains any of `trials`. A trial holds a shared lock on its directory while
+    it trains; the Ray workers of a command killed a moment ago live on for seconds (until its cluster's
+    watchdog stops them) and would write the same checkpoints and metrics as this command's trials."""
+    held = [d for d in (trial_dir(out, t) for t in trials) if d.is_dir() and not wait_until_unheld(d, 0)]
+    if held:
+        log(f"train: waiting for {len(held)} trial(s) of an earlier command to stop (up to {timeout_s:.0f} s)")
+    for d in held:
+        if not wait_until_unheld(d, timeout_s):
+            raise SweepError(f"a process of an earlier hakd command still trains in {d} after {timeout_s:.0f} s; "
+                             f"wait for it to end (or stop it), then re-run")
 
 
 def _dirname(tune_trial) -> str:
@@ -207,6 +226,7 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     reused = {t.name: f for t in trials if (f := finished(out, cfg, t)) is not None}
     todo = [t for t in trials if t.name not in reused]
     if todo:
+        wait_for_trial_processes(out, todo, log)
         ensure_ray(cfg.ray)
         if cfg.train.device == "auto" and gpus_available():  # the driver (a GPU-less head) may see no GPU
             device = "cuda"

@@ -29,7 +29,7 @@ from multiprocessing import heap
 
 import numpy as np
 
-from infra.exclusive import lock_dir
+from infra.exclusive import lock_dir, wait_until_unheld
 
 ALIGN = 4096  # every array starts on its own page: aligned for the device copies and for numpy
 SHM = "/dev/shm"  # where Linux keeps shared memory: a tmpfs, often small in containers (docker: 64 MB)
@@ -151,18 +151,9 @@ def wait_for_other_writers(store_path: str, timeout_s: float = 60.0) -> None:
     A local store only: flock does not reach other machines, and an object store has no such lock."""
     from infra.storage import is_url
     from teacher_cache.store import StoreError
-    if is_url(store_path):
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            os.close(lock_dir(store_path, fcntl.LOCK_EX | fcntl.LOCK_NB))  # nobody writes: let this run's in
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
-                                 f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run") from None
-            time.sleep(0.2)
+    if not is_url(store_path) and not wait_until_unheld(store_path, timeout_s):
+        raise StoreError(f"writer processes of another hakd cache still hold {store_path} after "
+                         f"{timeout_s:.0f} s; wait for that run to end (or stop it), then re-run")
 
 
 def _attach(store_path: str, arenas: list, spec: Spec, parent: int, board, threads: int) -> None:

@@ -131,3 +131,46 @@ def test_sweep_reuses_cache_packed_file_and_finished_trials(tiny_run, tmp_path, 
     # a sweep over a KD weight, which the independent student does not read, trains nothing new
     assert main([*args, "sweep.train.kd_lambda=[0.5,2]"]) == 0
     assert "data.beton reused; 0 trial(s) trained, 2 reused" in capsys.readouterr().out
+
+
+def test_a_trial_still_trained_by_an_earlier_command_is_waited_for(tmp_path, monkeypatch):
+    """A trial holds a shared lock on its directory while it trains; the next command waits for the holder to go
+    (a killed command's Ray workers live on for seconds) and gives up with one line naming the directory."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from infra.exclusive import lock_dir
+    from student_train import sweep, trainer
+    cfg = load_config(None, TINY)
+    trial = plan_trials(cfg)[0]
+    d = trial_dir(tmp_path, trial)
+
+    def train_student(tcfg, student, where, *args, **kwargs):  # the trial's lock is held while it trains
+        with pytest.raises(BlockingIOError):
+            lock_dir(where, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return {"epoch": 1}
+    monkeypatch.setattr(trainer, "train_student", train_student)
+    spec = {"trial": {"student": trial.student, "seed": trial.seed, "grid": []}}
+    sweep._run_trial(spec, cfg.to_dict(), str(tmp_path), "data.beton", {}, "cpu", 1)
+    sweep.wait_for_trial_processes(tmp_path, [trial], timeout_s=0)  # released when the trial ended
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; sys.path.insert(0, sys.argv[1]); from infra.exclusive import lock_dir\n"
+        "lock_dir(sys.argv[2], fcntl.LOCK_SH); print('held', flush=True); time.sleep(float(sys.argv[3]))"),
+        str(Path(__file__).resolve().parents[1]), str(d), "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = []
+        with pytest.raises(sweep.SweepError, match=r"still trains in .*seed0 after 0 s; wait for it to end"):
+            sweep.wait_for_trial_processes(tmp_path, [trial], log=lines.append, timeout_s=0.3)
+        assert lines == ["train: waiting for 1 trial(s) of an earlier command to stop (up to 0 s)"]
+        start = time.monotonic()
+        holder.kill()  # as the watchdog stops a killed command's workers
+        sweep.wait_for_trial_processes(tmp_path, [trial], log=lines.append, timeout_s=30)
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
