@@ -1,9 +1,10 @@
 """`hakd cache --dry-run`: what the cache will cost on disk, before any work.
 
 Exact uncompressed bytes from the layer shapes, and a compressed estimate from compressing one
-sample batch of each array with its configured codec (`cache.codec`, `cache.codec_overrides`). Features are
-measured on the unfitted teacher, so the estimate is indicative: trained features of real images
-compressed 1.03-1.09x in our measurements (shared/NOTES.md), i.e. barely.
+sample batch of each array with its configured codec (`cache.codec`, `cache.codec_overrides`, `cache.shuffle`).
+Features are measured on the unfitted teacher, so the estimate is indicative: trained ViT tokens of real
+images compressed 1.03-1.09x in our measurements (shared/NOTES.md), i.e. barely, and the demo WRN's
+post-ReLU maps 1.38x with lz4 unshuffled (README, "What the cache stores").
 """
 from __future__ import annotations
 
