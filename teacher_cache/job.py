@@ -178,10 +178,9 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
         todo = store.pending_units()
         nodes, rate = [], None
         if todo:
-            began = time.time()
-            nodes = _run_units(cfg, role, out, path, todo, refs, gpus, layout,
-                               desc=f"cache {role} ({teacher.spec.name})")
-            rate = round(_image_views(layout, todo) / (time.time() - began), 1)
+            nodes, seconds = _run_units(cfg, role, out, path, todo, refs, gpus, layout,
+                                        desc=f"cache {role} ({teacher.spec.name})")
+            rate = round(_image_views(layout, todo) / seconds, 1)
         # each unit was checksummed as written and marked done only once durable: nothing is read back
         left = store.pending_units()
         if left:
@@ -227,9 +226,10 @@ def _image_views(layout: Layout, units: list[int]) -> int:
 
 
 def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[int], refs, gpus: int,
-               layout: Layout, desc: str) -> list[str]:
+               layout: Layout, desc: str) -> tuple[list[str], float]:
     """Write the units `todo` from Ray actors, with a progress bar in teacher inputs (image-views) per second;
-    returns the nodes the actors ran on."""
+    returns the nodes the actors ran on and the seconds from the actors' start-up (teacher loaded, writer
+    processes running) to the last unit durable."""
     import ray
 
     from teacher_cache.worker import CacheWorker  # the actor's module imports this one
@@ -243,6 +243,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
                                mark) for _ in range(n_workers)]
     try:
         nodes = sorted(set(ray.get([a.where.remote() for a in actors])))
+        began = time.time()
     except ray.exceptions.RayActorError as e:
         for a in actors:
             ray.kill(a)
@@ -271,7 +272,7 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
         bar.close()
         for a in actors:
             ray.kill(a)
-    return nodes
+    return nodes, time.time() - began
 
 
 def _from_actor(e: Exception) -> Exception:
