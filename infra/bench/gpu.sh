@@ -23,6 +23,8 @@
 #   writer  one writer process's wall and CPU seconds per ViT-B/16 unit, lz4 and none, on disk and in RAM, against
 #           zarr's own assignment of the same arrays (infra/bench/writer.py)
 #   cache_shm   the same with the stores in /dev/shm (RAM): the pipeline without the disk
+#   cache_shm_int8   (not run by default) cache_shm with int8 features, uncompressed: half the feature bytes,
+#           for a /dev/shm that cannot take the float16 units at the bare forward's rate (gVisor's: 2.4 GB/s)
 #   train   ResNet-50 step time: plain CE / resident KD / offline KD fed by FFCV / online KD with
 #           ViT-B/16 run live (KD = PCA + GL)
 #   loader  FFCV StudentLoader vs a torch DataLoader over the Zarr store, samples/s
@@ -71,8 +73,8 @@ DEVICE=${DEVICE:-cuda}
 BENCHES=${BENCHES:-gpu}
 EXTRAS=${EXTRAS-writer cache_shm analyze}  # set and empty: no extra runs
 for x in $EXTRAS; do
-  case $x in writer|cache_shm|analyze) ;;
-    *) echo "gpu.sh: EXTRAS: unknown extra run '$x' (writer, cache_shm, analyze)" >&2; exit 2 ;;
+  case $x in writer|cache_shm|cache_shm_int8|analyze) ;;
+    *) echo "gpu.sh: EXTRAS: unknown extra run '$x' (writer, cache_shm, cache_shm_int8, analyze)" >&2; exit 2 ;;
   esac
 done
 if [[ $DEVICE == cpu ]]; then  # a check of the script on a (shared, slow) CPU machine, not a measurement
@@ -198,6 +200,8 @@ for x in $EXTRAS; do
     writer) extra writer WRITER_TIMEOUT "$WRITER_LIMIT" infra.bench.writer --dir "${TMPDIR:-/tmp},/dev/shm" ;;
     cache_shm) extra cache_shm SHM_TIMEOUT "$SHM_LIMIT" infra.bench.run cache --device "$DEVICE" "$@" \
                  store_dir=/dev/shm cache_repeats=2 ;;
+    cache_shm_int8) extra cache_shm_int8 SHM_TIMEOUT "$SHM_LIMIT" infra.bench.run cache --device "$DEVICE" "$@" \
+                 store_dir=/dev/shm cache_repeats=2 feature_dtype=int8 codec_overrides=features=none ;;
     analyze) extra analyze ANALYZE_TIMEOUT "$ANALYZE_LIMIT" infra.bench.run analyze --device "$DEVICE" "$@" ;;
   esac
 done
