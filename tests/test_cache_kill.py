@@ -1,6 +1,6 @@
 """`hakd cache` killed with SIGKILL while it writes, then run again: the stores end byte for byte as an
 uninterrupted run's (test_cache.base_run), and nothing of the killed run (its Ray cluster, actors, writer
-processes, their shared memory) is left behind."""
+processes, their shared memory and semaphores) is left behind."""
 from __future__ import annotations
 
 import os
@@ -28,11 +28,16 @@ def _done_units(path: Path) -> int:
         return 0
 
 
+def _semaphores() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
 def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
     cfg, _, _, want = base_run
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     shm_before = _ours_in_shm()
+    semaphores_before = _semaphores()
     log = open(tmp_path / "cache.log", "wb")
     cli = subprocess.Popen([sys.executable, "-m", "infra.cli", "cache", "--out", str(out), *SMALL],
                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -49,6 +54,8 @@ def test_killed_cache_resumes_to_the_uninterrupted_store(base_run, tmp_path):
         gone, alive = psutil.wait_procs(tree, timeout=60)  # its cluster, actors and writers stop with it
         assert not alive, [p.pid for p in alive]
         assert _ours_in_shm() <= shm_before  # and nothing of the actors' unit buffers is left in /dev/shm
+        # nor the named semaphores of their writer pools (their resource trackers unlink them)
+        assert not _semaphores() - semaphores_before, sorted(_semaphores() - semaphores_before)
     finally:
         if cli.poll() is None:
             cli.kill()
