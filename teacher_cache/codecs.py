@@ -61,13 +61,13 @@ def resolve(name: str, view_ndim: int, codec: str, shuffle: str, overrides: dict
     return cname, (own or shuffle) if cname != "none" else "noshuffle"
 
 
-def blosc(cname: str, shuffle: str, clevel: int, typesize: int) -> Blosc | None:
-    """The numcodecs Blosc that encodes a chunk as the store does (None for `none`)."""
+def blosc(cname: str, shuffle: str, clevel: int, typesize: int, blocksize: int = 0) -> Blosc | None:
+    """The numcodecs Blosc that encodes a chunk as the store does (None for `none`; blocksize 0: Blosc's own)."""
     from numcodecs import Blosc
     if cname == "none":
         return None
     order = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}[shuffle]
-    return Blosc(cname=cname, clevel=clevel, shuffle=order, typesize=typesize)
+    return Blosc(cname=cname, clevel=clevel, shuffle=order, blocksize=blocksize, typesize=typesize)
 
 
 def zarr_compressors(cname: str, shuffle: str, clevel: int) -> list:

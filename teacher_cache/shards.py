@@ -27,7 +27,8 @@ import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import xxhash
-from numcodecs import Blosc
+
+from teacher_cache.codecs import blosc
 
 # One Blosc thread per call: a writer process is one core (its own encoding threads, if any, come from the
 # caller's pool); numcodecs would otherwise start up to 8 threads for calls from a process's main thread.
@@ -35,7 +36,6 @@ from numcodecs import Blosc
 numcodecs.blosc.use_threads = False
 
 NO_CHUNK = np.iinfo(np.uint64).max  # zarr's index entry for a chunk the shard does not hold
-_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
 def _crc(buf) -> bytes:
@@ -74,8 +74,7 @@ class ShardEncoder:
         self.blosc = None
         if names[1] == "BloscCodec":
             cfg = sharding.codecs[1].to_dict()["configuration"]
-            self.blosc = Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=_SHUFFLE[cfg["shuffle"]],
-                               blocksize=cfg["blocksize"], typesize=cfg["typesize"])
+            self.blosc = blosc(cfg["cname"], cfg["shuffle"], cfg["clevel"], cfg["typesize"], cfg["blocksize"])
 
     def _encode_chunk(self, chunk: np.ndarray) -> list:
         data = self.blosc.encode(chunk) if self.blosc else _readonly(chunk)

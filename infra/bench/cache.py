@@ -50,6 +50,7 @@ import numpy as np
 
 from infra.bench.common import ROLES, Context, header, judge, log, median, sig, timed
 from infra.bench.profiles import cores
+from teacher_cache.shards import write_file
 
 TARGET = ">= 0.9"
 STAGES = ("compute", "copy", "encode", "checksum", "write", "verify")
@@ -63,27 +64,18 @@ def bare_unit(worker, u: int) -> None:
 
 def disk_write_mb_s(folder: Path, mb: int, streams: int = 1) -> float:
     """Write rate into `folder` of `streams` files written at once (threads: os.write releases the GIL),
-    `mb` MB in all, each fsynced at its end (one stream: like `dd conv=fsync bs=8M`), MB/s. Several
-    streams are how the writer processes write: whether the disk takes them as fast as one is the disk's."""
+    `mb` MB in all, each fsynced at its end (one stream: like `dd conv=fsync bs=8M`), MB/s. Each file is
+    written as a writer process writes a shard (teacher_cache/shards.py: write_file). Several streams are
+    how the writer processes write: whether the disk takes them as fast as one is the disk's."""
     block = os.urandom(8 << 20)
-    per_stream = max(1, (mb << 20) // streams // len(block)) * len(block)
-
-    def one(i: int) -> int:
-        path = Path(folder) / f"disk-probe-{i}.bin"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            written = 0
-            while written < per_stream:
-                written += os.write(fd, block)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
+    blocks = max(1, (mb << 20) // streams // len(block))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
-        written = sum(pool.map(one, range(streams)))
+        list(pool.map(lambda i: write_file(str(Path(folder) / f"disk-probe-{i}.bin"), [block] * blocks),
+                      range(streams)))
     seconds = time.perf_counter() - start
+    written = streams * blocks * len(block)
     for i in range(streams):
         (Path(folder) / f"disk-probe-{i}.bin").unlink()
     return written / seconds / 1e6
