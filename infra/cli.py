@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from infra.config import ConfigError, load_config
+from infra.config import DEFAULT_OUT, ConfigError, load_config
 from infra.errors import Interrupted, UserError
 from infra.exclusive import exclusive_out
-
-DEFAULT_OUT = "runs/demo"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

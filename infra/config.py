@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from infra.codec_spec import SHUFFLES, parse_codec, parse_overrides
 from infra.config_parse import ConfigError, build, convert, dotted, merge, parse_override, plain
+from infra.shipped_weights import EMBEDDED, uses_embedded
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_OUT = "runs/demo"  # the output directory of every hakd command without --out
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 DATASETS = ("shapes", "cifar10", "stl10", "fashionmnist", "imagefolder")
 STUDENTS = ("student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd")
@@ -180,8 +183,6 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
-    from teacher_cache.codecs import SHUFFLES, parse_codec, parse_overrides
-    from teacher_cache.embedded import EMBEDDED, uses_embedded
     d, c, t, a = cfg.data, cfg.cache, cfg.train, cfg.analysis
     need(d.name in DATASETS, "data.name", f"{d.name!r} is not one of {', '.join(DATASETS)}")
     need(8 <= d.image_size <= 1024, "data.image_size", "must be between 8 and 1024")

@@ -10,27 +10,13 @@ import hashlib
 from pathlib import Path
 
 from infra.errors import UserError
+from infra.shipped_weights import EMBEDDED, uses_embedded  # noqa: F401 (fit and the tests read them from here)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-# teacher name -> (file in WEIGHTS_DIR, sha256, image size it was trained at). Regenerate with
-# `python -m teacher_cache.pretrain_demo --out teacher_cache/weights/vit_demo_shape.safetensors`.
-EMBEDDED = {
-    "vit_demo": ("vit_demo_shape.safetensors", "3135ed52b0be974b78dca136c674b3975338200024bb8f5d4cf98d80affed639", 32),
-}
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the files of infra.shipped_weights.EMBEDDED
 
 
 class EmbeddedWeightsError(UserError, ValueError):
     """The embedded weights file is missing or is not the file hakd was shipped with."""
-
-
-def uses_embedded(tc, data) -> bool:
-    """Whether TeacherConfig `tc` starts from embedded weights on DataConfig `data`: embedded=true, or
-    embedded=null when hakd ships weights for this teacher, no weights file is given, and the data is
-    what they were trained for (the generated shapes at their image size)."""
-    if tc.embedded is not None:
-        return tc.embedded
-    return (tc.name in EMBEDDED and tc.weights is None and data.name == "shapes"
-            and data.image_size == EMBEDDED[tc.name][2])
 
 
 def embedded_identity(tc, data) -> str:

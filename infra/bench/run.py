@@ -140,7 +140,7 @@ def write_results(lines: list[dict], p: Profile, results_dir: Path, seconds: flo
 
 def main(args) -> int:
     """Entry from `hakd bench` (infra/cli.py): args.what, args.out, args.overrides, args.config."""
-    from infra.cli import DEFAULT_OUT
+    from infra.config import DEFAULT_OUT
     if getattr(args, "config", None):
         log("--config is not used by bench: models and sizes come from the machine's profile "
             "(override fields as key=value)")
