@@ -245,10 +245,10 @@ def _remove_unstarted(out: Path, existed: set[Path]) -> None:
 
 
 def stage_train(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
-    from student_train.distributed import is_main, pack_on_rank0, train_trials_ddp, world_size
+    from student_train.distributed import is_main, pack_on_rank0, world_size
     from student_train.loader import LoaderError
     from student_train.pack import FFCV_NAME, packed_file
-    from student_train.sweep import run_sweep
+    from student_train.sweep import run_sweep, train_trials_ddp
     out = Path(out)
     stores = _cache_for_training(cfg, out)
     device = device_for(cfg)

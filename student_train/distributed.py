@@ -103,36 +103,3 @@ def epoch_seed(seed: int, rank_: int, epoch: int) -> int:
     uninterrupted one, on CPU or GPU, and ranks draw different per-sample randomness.
     """
     return int(np.random.SeedSequence([seed, rank_, epoch, 0x5EED]).generate_state(1)[0])
-
-
-def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=print) -> dict:
-    """Every unfinished trial of the config, one after another, each trained by all ranks together (DDP).
-
-    Under torchrun the ranks are the parallelism, so there is no Ray Tune here: each trial is the
-    same call that a Tune trial makes (student_train/sweep.py), and rank 0 alone writes its
-    config, summary and run info. Returns what `run_sweep` returns.
-    """
-    from infra.config import dump_config
-    from student_train.sweep import finished, plan_trials, trial_config, trial_dir, write_summary
-    from student_train.trainer import train_student
-
-    out = Path(out).resolve()
-    trials = plan_trials(cfg)
-    # decided once, on rank 0, so every rank trains the same trials in the same order
-    reused = on_rank0(lambda: {t.name: f for t in trials if (f := finished(out, cfg, t)) is not None},
-                      "listing the finished trials")
-    todo = [t for t in trials if t.name not in reused]
-    main = is_main()
-    for trial in todo:
-        tcfg = trial_config(cfg, trial)
-        d = trial_dir(out, trial)
-        if main:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "config.yaml").write_text(dump_config(tcfg))
-        final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device,
-                              log=log if main else (lambda *_: None))
-        if main:
-            write_summary(d, tcfg, trial, final)
-    final = on_rank0(lambda: {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials},
-                     "reading the trials' results")
-    return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}

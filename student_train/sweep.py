@@ -10,6 +10,9 @@ Reuse and resume: a trial whose `summary.json` carries its digest is finished an
 launched again; a sweep that was killed is restored with `Tuner.restore` (same experiment
 directory, named by the digest of the whole training config), and each restored trial resumes
 from its own last checkpoint.
+
+Under torchrun (`train_trials_ddp`) there is no Tune: the ranks train the same trials one after
+another, all ranks together, and rank 0 alone writes (student_train/distributed.py).
 """
 from __future__ import annotations
 
@@ -267,4 +270,36 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     missing = [n for n, f in final.items() if f is None]
     if missing:
         raise SweepError(f"trial(s) {', '.join(missing)} did not finish; the same command resumes the sweep")
+    return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}
+
+
+def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=print) -> dict:
+    """Every unfinished trial of the config, one after another, each trained by all ranks together (DDP).
+
+    Under torchrun the ranks are the parallelism, so there is no Ray Tune here: each trial is the
+    same call that a Tune trial makes (`_run_trial`), and rank 0 alone writes its
+    config, summary and run info. Returns what `run_sweep` returns.
+    """
+    from student_train.distributed import is_main, on_rank0
+    from student_train.trainer import train_student
+
+    out = Path(out).resolve()
+    trials = plan_trials(cfg)
+    # decided once, on rank 0, so every rank trains the same trials in the same order
+    reused = on_rank0(lambda: {t.name: f for t in trials if (f := finished(out, cfg, t)) is not None},
+                      "listing the finished trials")
+    todo = [t for t in trials if t.name not in reused]
+    main = is_main()
+    for trial in todo:
+        tcfg = trial_config(cfg, trial)
+        d = trial_dir(out, trial)
+        if main:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.yaml").write_text(dump_config(tcfg))
+        final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device,
+                              log=log if main else (lambda *_: None))
+        if main:
+            write_summary(d, tcfg, trial, final)
+    final = on_rank0(lambda: {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials},
+                     "reading the trials' results")
     return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}
