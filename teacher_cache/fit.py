@@ -44,6 +44,11 @@ def build_teacher(cfg: Config, role: str) -> Teacher:
     return Teacher(get_spec(tc.name), len(class_names(cfg.data)), cfg.data.image_size)
 
 
+def cached_layers(cfg: Config, role: str, teacher: Teacher | None = None) -> list[str]:
+    """The layers whose features the cache stores for `role`: its config's, else the teacher's defaults."""
+    return list(getattr(cfg, role).layers) or (teacher or build_teacher(cfg, role)).default_layers()
+
+
 def load_fitted(cfg: Config, role: str, out: Path | str, device="cpu") -> Teacher:
     """The fitted teacher saved under `out` (OUT or cache.location: a path or a URL)."""
     path = storage.join(out, "teachers", f"{role}.pt")
