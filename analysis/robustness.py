@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_cache.bias import occlusion_cells, patch_index
+from teacher_cache.bias import occlusion_cells, patch_index, shape_bias  # noqa: F401 (shape_bias: the teacher pretraining measures it too)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -131,19 +131,3 @@ def adversarial_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 correct += int((model(x_adv).argmax(dim=1) == y).sum())
         accs.append(correct / len(images))
     return {"eps": list(eps_list), "accuracy": accs}
-
-
-def shape_bias(model: nn.Module, images: torch.Tensor, shape_labels: torch.Tensor, texture_labels: torch.Tensor,
-               batch_size: int = 256) -> dict:
-    """Shape bias on cue-conflict images (Geirhos et al. 2019): shape / (shape + texture decisions).
-
-    Images whose shape and texture labels agree carry no conflict and are skipped; `n` counts the
-    conflicting images evaluated. Predictions matching neither cue are ignored. shape_bias is nan
-    when no prediction matches either cue.
-    """
-    conflict = shape_labels.cpu() != texture_labels.cpu()
-    preds = predict(model, images[conflict.to(images.device)], batch_size)
-    shape = int((preds == shape_labels.cpu()[conflict]).sum())
-    texture = int((preds == texture_labels.cpu()[conflict]).sum())
-    bias = shape / (shape + texture) if shape + texture else float("nan")
-    return {"shape_bias": bias, "shape_decisions": shape, "texture_decisions": texture, "n": int(conflict.sum())}

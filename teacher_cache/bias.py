@@ -1,10 +1,13 @@
-"""Bias-inducing image operations shared by every dataset: procedural textures and patch occlusion.
+"""Bias-inducing image operations shared by every dataset (procedural textures, patch occlusion), and shape bias.
 
 Textures are the shortcut cue of the generated dataset and the background of textured
 FashionMNIST; occlusion is the paper's STL-10 treatment (drop a fraction of a patch grid and fill
-it with the mean, as in Naseer et al. 2021). Everything is a pure function of its seed.
+it with the mean, as in Naseer et al. 2021). Everything is a pure function of its seed. Shape bias is
+measured on the cue-conflict variant, by the analysis and by the embedded teacher's pretraining.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -112,3 +115,25 @@ def shape_bias_note(dataset: str) -> tuple[bool, str]:
         return False, ("not measured: the texture variant's background textures belong to no class, so no "
                        "prediction is a texture decision; that variant measures accuracy under texture only")
     return False, f"not measured: {dataset} has no cue-conflict variant (no texture stands for a class)"
+
+
+def shape_bias(model, images, shape_labels, texture_labels, batch_size: int = 256) -> dict:
+    """Shape bias on cue-conflict images (Geirhos et al. 2019): shape / (shape + texture decisions).
+
+    model: an eval-mode module mapping float images in [0, 1], (B, 3, H, W), to logits; each batch of
+    `images` is moved to its device. Images whose shape and texture labels agree carry no conflict and
+    are skipped; `n` counts the conflicting images evaluated. Predictions matching neither cue are
+    ignored. shape_bias is nan when no prediction matches either cue.
+    """
+    import torch  # here: the datasets import this module and need no torch
+
+    conflict = shape_labels.cpu() != texture_labels.cpu()
+    x = images[conflict.to(images.device)]
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        preds = [model(x[i:i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
+    preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    shape = int((preds == shape_labels.cpu()[conflict]).sum())
+    texture = int((preds == texture_labels.cpu()[conflict]).sum())
+    bias = shape / (shape + texture) if shape + texture else float("nan")
+    return {"shape_bias": bias, "shape_decisions": shape, "texture_decisions": texture, "n": int(conflict.sum())}
