@@ -44,7 +44,7 @@ def _batches(epoch: int, n: int, size: int, batch: int, seed: int):
 @torch.no_grad()
 def _measure(teacher, size: int, n: int) -> dict:
     """Clean accuracy on held-out shape-only images, and shape bias on the demo's cue-conflict variant."""
-    from analysis.robustness import shape_bias
+    from teacher_cache.bias import shape_bias
     from teacher_cache.fit import evaluate
     teacher.eval()
     held_out = make_shapes(n, size, seed=EVAL_SEED, variant="clean", texture_correlation=0.0)
