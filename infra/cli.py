@@ -2,7 +2,9 @@
 
 Every subcommand takes --config PATH (default: the embedded demo), --out DIR (default runs/demo)
 and trailing key.sub=value overrides. Bad input exits with status 2 and a message naming the
-problem and the fix; a run that fails its checks leaves --out as it was. Ctrl-C prints where the
+problem and the fix; a run that fails its checks leaves --out as it was. Every other failure is one line
+too (an error in a Ray task as the task raised it, a full or read-only disk with its path), its traceback in
+a log file the line names (infra/failures.py). Ctrl-C prints where the
 stage stopped and exits with status 130; the same command resumes.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 from pathlib import Path
 
 from infra.config import DEFAULT_OUT, ConfigError, load_config
-from infra.errors import Interrupted, UserError
+from infra import failures
+from infra.errors import Interrupted
 from infra.exclusive import exclusive_out
 
 
@@ -74,6 +77,7 @@ def _stages(args, cfg, out: Path, stages: list[str]) -> int:
     rows, seconds = [], {}
     outputs = {"cache": out / "cache", "train": out / "train", "analyze": out / "report" / "report.md"}
     for stage in stages:
+        args.stage = stage  # names the log of a failure
         start = time.time()
         fn = {"cache": pipeline.stage_cache, "train": pipeline.stage_train, "analyze": pipeline.stage_analyze}[stage]
         kwargs = {"seconds": seconds} if stage == "analyze" else {}
@@ -135,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = {"cache": ["cache"], "train": ["train"], "analyze": ["analyze"],
                   "run": ["cache", "train", "analyze"]}[args.command]
         return _run_stages(args, stages)
-    except (UserError, FileNotFoundError) as e:  # bad input, or a dataset/weights file not where the config says
-        print(f"hakd: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # one line (the traceback, where it helps, in a log the line names); infra/failures.py
+        return failures.report(e, getattr(args, "out", None), getattr(args, "stage", args.command))
 
 
 if __name__ == "__main__":

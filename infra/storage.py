@@ -13,9 +13,10 @@ import io
 import os
 import socket
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from infra import failures
 from infra.errors import UserError
 
 
@@ -101,13 +102,20 @@ def write_bytes(path: Path | str, data: bytes) -> None:
             fs.pipe_file(p, data)
         return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:  # a full disk fails the write without a file name: the error names the target
+        with suppress(OSError):  # the part written would only take room
+            tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(target)) from e
+        raise
 
 
 def delete(path: Path | str) -> None:
@@ -178,6 +186,9 @@ def probe(location: str, node: str | None = None, mark: tuple[str, str] | None =
     except StorageError as e:
         raise StorageError(f"node {node} cannot use the storage location {location}: {_reason(e)}") from None
     except OSError as e:  # a local or mounted path
+        if e.errno in failures.DISK_ERRNOS:  # a full, read-only or forbidden disk: mounting elsewhere is no fix
+            raise StorageError(f"node {node} cannot use the storage location {location}: "
+                               f"{failures.disk_message(e, location)}") from None
         raise StorageError(f"node {node} cannot use the storage location {location}: {e}; mount the shared "
                            f"filesystem there on every node, or set cache.location to a URL all nodes reach") from None
 
