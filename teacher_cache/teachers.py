@@ -9,7 +9,7 @@ cached by name.
 Default ViT layer: the residual stream entering the last block (`blocks.{depth-2}`). The trainer
 runs that one block live (its weights are kept in the store) to get the last block's Q, K, V and
 output tokens h_T: a quarter of the bytes that storing all four would take, for ~1/depth of the
-teacher's compute (see README, "What the cache stores").
+teacher's compute (see docs/cache-format.md).
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_local_ray_requires_the_token_and_dies_with_a_killed_analyze(analyze_aga
         pids = _names(cluster) | {cli.pid: "hakd (driver)"}
         listening = [(c.laddr.ip, c.laddr.port, pids[c.pid]) for c in psutil.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN and c.pid in pids]
-        # Ray 2.60 cannot bind to loopback only (README, "Ray on this machine"): what is exposed is Ray's own
+        # Ray 2.60 cannot bind to loopback only (docs/experiments.md, "Ray on this machine"): what is exposed is Ray's own
         # servers and the driver's, never anything else of ours
         exposed = [(ip, port, name) for ip, port, name in listening if ip not in LOOPBACK]
         assert exposed and all(n in ("gcs_server", "raylet", "hakd (driver)") or n.startswith("ray::")
