@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -138,29 +139,40 @@ def write_summary(d: Path, tcfg: Config, trial: Trial, final: dict) -> None:
     write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
 
 
-def _run_trial(config: dict, base: dict, out: str, beton: str, meta: dict, device: str, threads: int) -> None:
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial of one sweep is handed besides its own spec (through tune.with_parameters)."""
+    base: dict      # the sweep's whole config, Config.to_dict()
+    out: str        # the output directory, OUT
+    beton: str      # the packed FFCV file every trial reads
+    meta: dict      # its metadata (student_train/pack.py)
+    device: str     # cpu | cuda
+    threads: int    # torch threads of each trial
+
+
+def _run_trial(config: dict, inputs: TrialInputs) -> None:
     """The Tune trainable: train one trial (resuming from its checkpoint), reporting each epoch to Tune."""
     import torch
     from ray import tune
 
     from student_train.trainer import train_student
 
-    torch.set_num_threads(threads)
-    cfg = config_from_dict(base)
+    torch.set_num_threads(inputs.threads)
+    cfg = config_from_dict(inputs.base)
     spec = config["trial"]
     trial = Trial(spec["student"], spec["seed"], tuple(tuple(p) for p in spec["grid"]))
-    final = finished(Path(out), cfg, trial)
+    final = finished(Path(inputs.out), cfg, trial)
     if final is not None:  # finished before a restore was recorded
         tune.report(final)
         return
     tcfg = trial_config(cfg, trial)
-    d = trial_dir(Path(out), trial)
+    d = trial_dir(Path(inputs.out), trial)
     d.mkdir(parents=True, exist_ok=True)
     held = lock_dir(d, fcntl.LOCK_SH)  # while this trial writes here: see wait_for_trial_processes
     try:
         (d / "config.yaml").write_text(dump_config(tcfg))
-        final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device, log=lambda *_: None,
-                              on_epoch=lambda metrics: tune.report(dict(metrics)))
+        final = train_student(tcfg, trial.student, d, Path(inputs.beton), inputs.meta, device=inputs.device,
+                              log=lambda *_: None, on_epoch=lambda metrics: tune.report(dict(metrics)))
         write_summary(d, tcfg, trial, final)
     finally:
         os.close(held)
@@ -240,8 +252,8 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
         name = f"sweep-{trial_digest(cfg)}-{cfg.digest('sweep')[:8]}-{todo_digest}"
         threads = 1 if device == "cuda" else cfg.train.trial_cpus
         trainable = tune.with_resources(
-            tune.with_parameters(_run_trial, base=cfg.to_dict(), out=str(out), beton=str(Path(beton).resolve()),
-                                 meta=meta, device=device, threads=threads),
+            tune.with_parameters(_run_trial, inputs=TrialInputs(cfg.to_dict(), str(out), str(Path(beton).resolve()),
+                                                                meta, device, threads)),
             _resources(device, cfg))
         experiment = storage / name
         # Tune's legacy console output, which verbose=0 silences entirely (the new one still prints tables);

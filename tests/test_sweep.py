@@ -154,7 +154,7 @@ def test_a_trial_still_trained_by_an_earlier_command_is_waited_for(tmp_path, mon
         return {"epoch": 1}
     monkeypatch.setattr(trainer, "train_student", train_student)
     spec = {"trial": {"student": trial.student, "seed": trial.seed, "grid": []}}
-    sweep._run_trial(spec, cfg.to_dict(), str(tmp_path), "data.beton", {}, "cpu", 1)
+    sweep._run_trial(spec, sweep.TrialInputs(cfg.to_dict(), str(tmp_path), "data.beton", {}, "cpu", 1))
     sweep.wait_for_trial_processes(tmp_path, [trial], timeout_s=0)  # released when the trial ended
 
     holder = subprocess.Popen([sys.executable, "-c", (
