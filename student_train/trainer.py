@@ -76,6 +76,12 @@ class LastBlockTargets(nn.Module):
         self.amp = amp
         self.requires_grad_(False).eval()
 
+    @classmethod
+    def from_pack(cls, pack_dir: Path, meta: dict, amp: bool = True) -> "LastBlockTargets":
+        """The block as `pack` copied it beside the packed file, of the ViT teacher the packed cache names."""
+        params = packed_params(Path(pack_dir), meta, "teacher_vit", "live_block")
+        return cls(meta["identities"]["teacher_vit"]["teacher"], meta["num_classes"], meta["image_size"], params, amp)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.float()
@@ -116,10 +122,16 @@ def check_cache(cfg: Config, kind: str, meta: dict) -> dict:
         if ident["teacher"] != getattr(cfg, role).name:
             raise CacheMismatch(f"the cache of {role} is from teacher {ident['teacher']}, the config names "
                                 f"{getattr(cfg, role).name}; re-run `hakd cache`")
+    return target_plan(kind, meta)
+
+
+def target_plan(kind: str, meta: dict) -> dict:
+    """{"role": the teacher a kind learns from, "field": the packed field of its cached output} (no field for
+    the independent student); CacheMismatch when the packed cache lacks it."""
     role, what = NEEDS[kind]
     plan = {"role": role}
     if what == "tokens":
-        depth = len(get_spec(cfg.teacher_vit.name).build(meta["num_classes"], cfg.data.image_size).blocks)
+        depth = len(get_spec(meta["identities"][role]["teacher"]).build(meta["num_classes"], meta["image_size"]).blocks)
         plan["field"] = _field(meta, role, "tokens", f"blocks.{depth - 2}")
     elif what == "feature":
         plan["field"] = _field(meta, role, "feature")
@@ -163,8 +175,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     kw = dict(kind=kind, student_channels=student.channels(kd_layer), label_smoothing=t.label_smoothing,
               **{arg: getattr(t, key) for key, arg in OBJECTIVE_KEYS[kind].items()})
     if kind == "student_kd_vit":
-        params = packed_params(Path(beton).parent, meta, "teacher_vit", "live_block")
-        live = LastBlockTargets(cfg.teacher_vit.name, num_classes, cfg.data.image_size, params, t.amp).to(device)
+        live = LastBlockTargets.from_pack(Path(beton).parent, meta, t.amp).to(device)
         dim = meta["fields"][plan["field"]]["shape"][-1]
         kw.update(teacher_dim=dim, num_heads=live.heads, grid=live.grid)
     elif kind == "student_kd_cnn":
@@ -248,20 +259,9 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
                disable=rank != 0)
     on_gpu = str(device).startswith("cuda")
     for i, batch in enumerate(loader):
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        x = apply_views(images, batch["view"].to(device, non_blocking=True), student.input_size)
+        x, labels, teacher = prepare_batch(loader, batch, plan, live, kind, student.input_size, device)
         if on_gpu and t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        teacher = {}
-        if plan.get("field"):
-            cached = loader.teacher_output(batch, plan["field"], device)  # int8 is dequantised on the device
-            if kind == "student_kd_vit":
-                teacher = live(cached)
-            elif kind == "student_kd_cnn":
-                teacher = {"feature": cached}
-            else:
-                teacher = {"logits": cached}
         with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu and t.amp):
             total, terms, logits, feature = model(x, labels, teacher)
         if rank == 0 and kind in ("student_kd_vit", "student_kd_cnn") and i % t.log_every == 0:
@@ -298,6 +298,27 @@ def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, d
             out.setdefault(what, {})[name] = value
         out["grad_measured_steps"] = grad_steps
     return out
+
+
+def prepare_batch(loader: StudentLoader, batch: dict, plan: dict, live: LastBlockTargets | None, kind: str,
+                  input_size: int, device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One loader batch on `device` as the student trains on it: its input, each image's cached view replayed
+    (float (B, 3, input_size, input_size) in [0, 1]), the labels (B,), and the teacher targets `kind`'s
+    objective reads (losses._TEACHER_KEYS): the ViT's q, k, v (B, heads, N, d) and h (B, N, D) from the live
+    last block, the CNN's feature (B, C, H, W), or the ViT's logits (B, classes); {} for the independent one."""
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    x = apply_views(images, batch["view"].to(device, non_blocking=True), input_size)
+    teacher = {}
+    if plan.get("field"):
+        cached = loader.teacher_output(batch, plan["field"], device)  # int8 is dequantised on the device
+        if kind == "student_kd_vit":
+            teacher = live(cached)
+        elif kind == "student_kd_cnn":
+            teacher = {"feature": cached}
+        else:
+            teacher = {"logits": cached}
+    return x, labels, teacher
 
 
 @torch.no_grad()
