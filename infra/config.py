@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from infra.codec_spec import SHUFFLES, parse_codec, parse_overrides
+from infra.codec_spec import SHUFFLES, parse_codec, parse_feature_codec, parse_overrides
 from infra.config_parse import ConfigError, build, convert, dotted, merge, parse_override, plain
 from infra.shipped_weights import EMBEDDED, uses_embedded
 
@@ -66,7 +66,8 @@ class CacheConfig:
     codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc), or CODEC:SHUFFLE (README has measurements)
     codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=zstd:noshuffle
     shuffle: str = "auto"         # Blosc's byte order where a codec names none: auto (noshuffle for CNN feature maps, whose zeros come in runs; bitshuffle else) | bitshuffle | shuffle | noshuffle
-    feature_dtype: str = "float16"  # float16 | int8 (per-token symmetric, float16 scale per token: half the bytes)
+    feature_codec: str = "float16"  # float16 (exact) | int8 (per token, half the bytes) | pca:FRACTION:BITS[:MAX_RANK]: a PCA basis per layer fitted at cache time keeping FRACTION of the variance, its coefficients int8 or int4 per token, at most MAX_RANK of them (docs/cache-format.md, "Feature codecs")
+    codec_max_error: float = 0.05  # bound on the codec's effect on every KD loss term (relative error of its value, 1 - cosine of its gradient), measured after caching; above it hakd refuses and names a codec to use instead
     workers: int = 2              # Ray actors writing shards in parallel
     writers: int = 0              # writer processes per actor, each encoding and writing whole units (own shards); 0 = auto: on a GPU the node's CPUs per GPU less one, on CPU one (teacher_cache/writers.py)
     location: str | None = None   # where the stores and fitted teachers live: None = OUT/cache and OUT/teachers; a shared path or an s3://bucket/prefix URL seen by every node (credentials: AWS_* variables, endpoint: AWS_ENDPOINT_URL)
@@ -166,12 +167,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         data = merge(data, parse_override(o))
     if isinstance(data.get("sweep"), dict):  # `sweep.train.lr=[...]` nests the key; a sweep key is written whole
         data["sweep"] = dotted(data["sweep"])
-    cfg = build(Config, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data)
 
 
 def config_from_dict(data: dict) -> Config:
+    if "feature_dtype" in (data.get("cache") or {}):  # the key's old name: say what replaced it
+        raise ConfigError("cache.feature_dtype is now cache.feature_codec (float16 | int8 | pca:FRACTION:BITS"
+                          "[:MAX_RANK]); rename the key")
     cfg = build(Config, data)
     validate(cfg)
     return cfg
@@ -232,7 +234,11 @@ def validate(cfg: Config) -> None:
         except ValueError as e:
             need(False, key, str(e))
     need(c.shuffle in SHUFFLES, "cache.shuffle", f"{c.shuffle!r} is not one of {', '.join(SHUFFLES)}")
-    need(c.feature_dtype in ("float16", "int8"), "cache.feature_dtype", f"{c.feature_dtype!r} is not float16 or int8")
+    try:
+        parse_feature_codec(c.feature_codec)
+    except ValueError as e:
+        need(False, "cache.feature_codec", str(e))
+    need(c.codec_max_error > 0, "cache.codec_max_error", "must be positive")
     need(len(t.students) > 0, "train.students", "name at least one student")
     for s in t.students:
         need(s in STUDENTS, "train.students", f"{s!r} is not one of {', '.join(STUDENTS)}")

@@ -4,8 +4,9 @@
 different per epoch) and shuffles them; with `distributed` each rank takes its own slice of that
 order, as torch's DistributedSampler would. `StudentLoader` wraps FFCV's loader so that a dead
 loader thread or a stall becomes an exception within a bounded time, never a silent hang, and
-hands out torch tensors with float16 features reinterpreted from their int16 bits (int8 features
-and their scales as they are; `teacher_output` dequantises them on the device).
+hands out torch tensors with float16 features reinterpreted from their int16 bits (coded features,
+int8 or PCA codes, and their scales as they are; `teacher_output` decodes them on the device: for
+PCA codes one matmul with the basis copied beside the packed file).
 """
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ from queue import Empty
 import numpy as np
 import torch
 
-from teacher_cache.codecs import dequantize
+from infra.codec_spec import parse_feature_codec
+from student_train.pack import packed_params
+from teacher_cache.basis import PARAMS as BASIS, check_basis, decode
+from teacher_cache.codecs import dequantize, token_axis
+from teacher_cache.store import StoreError
 
 _THREAD_ERRORS: dict[int, BaseException] = {}
 _previous_hook = threading.excepthook
@@ -114,6 +119,8 @@ class StudentLoader:
         except (ValueError, AssertionError, OSError, IndexError) as e:  # a damaged file: FFCV's errors are cryptic
             raise LoaderError(f"cannot read the packed file {beton} ({type(e).__name__}: {e}); delete it and "
                               f"its data.json so that `hakd train` packs it again") from e
+        self.bases = self._bases(Path(beton).parent, fields)
+        self._on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         torch.set_num_threads(self.torch_threads)
         if shuffle:
             # FFCV 1.0.2 cannot take a custom order class in its constructor; install ours after
@@ -128,14 +135,37 @@ class StudentLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _bases(self, pack_dir: Path, fields: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """field -> (mean, components) of each PCA-coded field asked for, checked before any training."""
+        out = {}
+        for f in fields:
+            info = self.meta["fields"][f]
+            if parse_feature_codec(info.get("codec", info["dtype"])).kind != "pca":
+                continue
+            shape = info["feature_shape"]
+            try:
+                out[f] = check_basis(packed_params(pack_dir, self.meta, info["role"], BASIS), info["layer"],
+                                     shape[len(shape) + token_axis(len(shape))], info["rank"])
+            except ValueError as e:
+                raise StoreError(f"the packed cache in {pack_dir} does not fit its codes: {e}; delete {pack_dir} "
+                                 f"and re-run `hakd train`, which packs it again") from None
+        return out
+
     def teacher_output(self, batch: dict, field: str, device) -> torch.Tensor:
-        """A cached teacher output of the batch on `device` as float16; int8 fields move as int8 (half the
-        bytes) and are dequantised there with their per-token scales."""
+        """A cached teacher output of the batch on `device` as float16. Coded fields move as their codes (int8:
+        half the bytes of float16, PCA codes: fewer still) and are decoded there with their per-token scales."""
         x = batch[field].to(device, non_blocking=True)
         info = self.meta["fields"][field]
-        if info.get("dtype") != "int8":
+        codec = parse_feature_codec(info.get("codec", info["dtype"]))
+        if codec.kind == "float16":
             return x
-        return dequantize(x, batch[info["scale"]].to(device, non_blocking=True), len(info["shape"]))
+        scale = batch[info["scale"]].to(device, non_blocking=True)
+        if codec.kind == "int8":
+            return dequantize(x, scale, len(info["shape"]))
+        key = (field, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = tuple(torch.from_numpy(a).to(device) for a in self.bases[field])
+        return decode(x, scale, *self._on_device[key], len(info["shape"]), codec.bits)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.next_epoch = epoch

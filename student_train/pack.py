@@ -4,8 +4,10 @@ One row per (image, view): the raw uint8 image, its label and index, the view pa
 every cached teacher output for that view. A row per view (rather than a row per image with all
 K views) means an epoch reads only the view it trains on: K times fewer feature bytes.
 FFCV's numba pipeline cannot decode float16, so features are stored as their int16 bit pattern
-and reinterpreted as float16 on the torch side (`loader.py`). int8 features (cache.feature_dtype)
-are packed as int8 beside their float16 scales and dequantised on the device in the student step.
+and reinterpreted as float16 on the torch side (`loader.py`). Coded features (cache.feature_codec
+int8 or pca:...) are packed as their codes beside their float16 scales, so a row shrinks by the
+codec's factor, and decoded on the device in the student step; a pca store's basis is copied beside
+the file with the other parameter groups.
 
 The file is rebuilt only when a cache changes or the file is damaged: `data.json` beside it records
 the identity and per-shard checksums of the stores it was packed from, and the file's own size and
@@ -177,9 +179,14 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
             stored = np.dtype("int16") if dtype == "float16" else np.dtype(dtype)  # float16 as its bit pattern
             fields[fname] = NDArrayField(stored, tuple(shape[2:]))
             meta_fields[fname] = {"role": role, "array": a, "shape": list(shape[2:]), "dtype": dtype}
+            if a.startswith("features/"):  # how it is coded, and the shape it decodes to (loader.teacher_output)
+                lay, layer = layouts[role], a[len("features/"):]
+                meta_fields[fname].update(codec=lay.feature_codec, feature_shape=list(lay.layers[layer]), layer=layer)
+                if layer in lay.ranks:
+                    meta_fields[fname]["rank"] = lay.ranks[layer]
             row_bytes += int(np.prod(shape[2:])) * stored.itemsize
-        for fname, info in meta_fields.items():  # an int8 feature names the field of its scales
-            if info["role"] == role and info["dtype"] == "int8":
+        for fname, info in meta_fields.items():  # a coded feature names the field of its scales
+            if info["role"] == role and info.get("codec", "float16") != "float16":
                 scales = "scales/" + info["array"][len("features/"):]
                 info["scale"] = next(f for f, i in meta_fields.items() if i["role"] == role and i["array"] == scales)
     # every field of a row must fit in one page

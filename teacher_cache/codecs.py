@@ -10,10 +10,11 @@ not at all without it; post-ReLU CNN maps, whose zeros come in runs, shrink by 1
 maps (per-view shape C x H x W) and bitshuffle for everything else. The cache is bound by bytes per
 second, so the choice is a measured trade.
 
-int8 features (`cache.feature_dtype: int8`) are symmetric per token: a token is one feature vector
+int8 features (`cache.feature_codec: int8`) are symmetric per token: a token is one feature vector
 (a ViT token's D values, a CNN map's C channels at one position), scale = max|x| / 127 stored as
 float16, q = round(x / scale). Half the bytes of float16; dequantised on the device in the student
-step (`dequantize`).
+step (`dequantize`). The fitted-basis codec (`pca:...`) quantises a token's PCA coefficients the same
+way: teacher_cache/basis.py.
 """
 from __future__ import annotations
 

@@ -26,7 +26,9 @@ from teacher_cache.datasets import class_names, fingerprint, load_split
 from teacher_cache.embedded import embedded_identity
 from teacher_cache.codecs import parse_overrides
 from teacher_cache.fit import build_teacher, cached_layers, fit_teacher, head_mode, load_fitted
-from teacher_cache.layout import Layout
+from teacher_cache.basis import PARAMS as BASIS
+from teacher_cache.basis_fit import ensure_basis, fit_layout_basis
+from teacher_cache.layout import Layout, planned_ranks
 from teacher_cache.paths import storage_root, store_path, teacher_file, teacher_loads
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import sample_views
@@ -46,8 +48,10 @@ def plan(cfg: Config, role: str, n: int | None = None, teacher=None) -> Layout:
     teacher = teacher or build_teacher(cfg, role)
     layers = cached_layers(cfg, role, teacher)
     n = n if n is not None else len(load_split(cfg.data, "train")["labels"])
+    shapes = layer_shapes(teacher, layers)
     return Layout(n, cfg.cache.views, cfg.data.image_size, len(class_names(cfg.data)),
-                  layer_shapes(teacher, layers), cfg.cache.shard_size, cfg.cache.chunk_size, cfg.cache.feature_dtype)
+                  shapes, cfg.cache.shard_size, cfg.cache.chunk_size, cfg.cache.feature_codec,
+                  planned_ranks(cfg.cache.feature_codec, shapes))
 
 
 def open_store(cfg: Config, path: Path, layout: Layout, ident: dict, prov: dict, params: tuple[str, ...] = (),
@@ -80,7 +84,7 @@ def identity(cfg: Config, role: str, teacher, layout: Layout, data_fp: str) -> d
             "dataset": {"name": cfg.data.name, "fingerprint": data_fp, "n": layout.n,
                         "image_size": cfg.data.image_size, "num_classes": layout.num_classes},
             "shards": {"shard_size": layout.shard_size, "chunk_size": layout.chunk_size},
-            "feature_dtype": layout.feature_dtype}
+            "feature_codec": layout.feature_codec}
 
 
 def ensure_teacher(cfg: Config, role: str, out: Path, device: str) -> dict:
@@ -140,8 +144,14 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
         # --overwrite replaces a store written for another identity; one for this identity is kept and resumed
         if storage.exists(path):  # writers of a run killed moments ago may still be finishing a unit
             wait_for_other_writers(str(path))
-        store = open_store(cfg, path, layout, ident, provenance(cfg), params=("live_block",) if vit else (),
-                           overwrite=overwrite and not written_for(path, ident))
+        replace = overwrite and not written_for(path, ident)
+        fit_device = device if torch.cuda.is_available() else "cpu"
+        fitted = None
+        if layout.ranks and (replace or not storage.exists(path)):  # a new pca store: its ranks come from the fit
+            layout, *fitted = fit_layout_basis(layout, teacher, train["images"], views, cfg.data.seed, fit_device)
+        params = (("live_block",) if vit else ()) + ((BASIS,) if layout.ranks else ())
+        store = open_store(cfg, path, layout, ident, provenance(cfg), params=params, overwrite=replace)
+        ensure_basis(store, teacher, train["images"], views, cfg.data.seed, fit_device, fitted)
         if vit and store.param_problems("live_block"):  # never written, or a run died while writing it
             store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
         store.mark_pending(store.bad_units())  # repair: damaged shards are rewritten

@@ -5,9 +5,11 @@ Layout of `OUT/cache/<teacher>.zarr` (N images, K views, C classes):
   labels        (N,)         int64
   views         (N, K, 5)    float32   (y0, x0, h, w, flip) per view, see views.py
   logits        (N, K, C)    float16
-  features/<l>  (N, K, ...)  float16   one array per cached layer (int8 with cache.feature_dtype: int8)
-  scales/<l>    (N, K, ...)  float16   int8 only: one scale per token of features/<l> (teacher_cache/codecs.py)
+  features/<l>  (N, K, ...)  float16   one array per cached layer; int8 with cache.feature_codec int8,
+                                       PCA codes (int8, or uint8 holding two int4) with pca:... codecs
+  scales/<l>    (N, K, ...)  float16   int8 and pca: one scale per token of features/<l> (codecs.py, basis.py)
   live_block/<p>             float32   ViT only: weights of the block the trainer runs live
+  basis/<l>.mean, .components float32  pca only: each layer's fitted basis (attribute `basis`: its provenance)
   units/done    (U,)         uint8     1 once unit u is durably written (one chunk per unit)
   units/xxh3    (U, A)       uint64    XXH3-64 of the shard FILE of array a in unit u, as it was written
                                        (0: no file; every shard is written, but older stores of this

@@ -1,8 +1,8 @@
 """One cache actor: a teacher in memory, shared unit buffers, writer processes, and the units it is handed.
 
-The byte path of a unit: each batch's outputs are cast on the device (float16, or int8 + scales) and
-copied into the unit's shared buffer (on CUDA: pinned, on a side stream, so the copy of batch i
-overlaps the compute of batch i + 1); the full unit goes to one of `cache.writers` writer processes
+The byte path of a unit: each batch's outputs are coded on the device (float16, int8 + scales, or PCA
+codes + scales: cache.feature_codec) and copied into the unit's shared buffer (on CUDA: pinned, on a
+side stream, so the copy of batch i overlaps the compute of batch i + 1); the full unit goes to one of `cache.writers` writer processes
 (teacher_cache/writers.py) while the next unit is computed. A unit is marked done by its writer
 only once its bytes are fsynced.
 """
@@ -13,7 +13,9 @@ import torch
 
 from infra import storage
 from infra.config import config_from_dict
-from teacher_cache.codecs import quantize
+from infra.codec_spec import parse_feature_codec
+from teacher_cache.basis import PARAMS as BASIS, check_basis, encode
+from teacher_cache.codecs import quantize, token_axis
 from teacher_cache.fit import cached_layers, load_fitted
 from teacher_cache.paths import storage_root
 from teacher_cache.store import CacheStore, StoreError
@@ -40,7 +42,8 @@ class CacheWorker:
         self.layers = cached_layers(self.cfg, role, self.teacher)
         self.store = CacheStore.open(path)
         self.images, self.labels, self.views = images, labels, views
-        self.int8 = self.store.layout.feature_dtype == "int8"
+        self.codec = parse_feature_codec(self.store.layout.feature_codec)
+        self.basis = self._basis() if self.codec.kind == "pca" else {}
         spec = self.store.layout.unit_spec()
         writers = writer_count(self.cfg.cache.writers, spec, device)
         # one slot per writer, and one being filled by compute
@@ -91,12 +94,27 @@ class CacheWorker:
         ok = feats["logits"].abs().amax() <= FLOAT16_MAX  # False for NaN too
         for name, shape in self.store.layout.layers.items():
             ok &= feats[name].abs().amax() <= FLOAT16_MAX
-            if self.int8:
+            if self.codec.kind == "pca":
+                q, scale = encode(feats[name], *self.basis[name], len(shape), self.codec.bits)
+                out[f"features/{name}"], out[f"scales/{name}"] = q, scale.contiguous()
+            elif self.codec.kind == "int8":
                 q, scale = quantize(feats[name], len(shape))
                 out[f"features/{name}"], out[f"scales/{name}"] = q.contiguous(), scale.contiguous()
             else:
                 out[f"features/{name}"] = feats[name].to(**fp16)
         return out, ok
+
+    def _basis(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (mean, components) on the device, from the store's basis group (written before any unit)."""
+        lay, params = self.store.layout, self.store.read_params(BASIS)
+        out = {}
+        for name, shape in lay.layers.items():
+            try:
+                mean, comps = check_basis(params, name, shape[len(shape) + token_axis(len(shape))], lay.ranks[name])
+            except ValueError as e:
+                raise StoreError(f"cache store {self.store.path}: {e}; re-run `hakd cache --overwrite`") from None
+            out[name] = (torch.from_numpy(mean).to(self.device), torch.from_numpy(comps).to(self.device))
+        return out
 
     def compute(self, u: int) -> tuple[int, int]:
         """Fill a free slot with unit u (inputs and teacher outputs, on the host); returns (slot, samples).

@@ -38,7 +38,7 @@ def test_store_round_trip_layout_and_codec(tmp_path):
     assert attrs["provenance"] == PROVENANCE
     assert attrs["layout"] == {"n": 40, "views": 3, "image_size": 8, "num_classes": 10,
                                "layers": {"blocks.2": [5, 6], "layer3": [4, 3, 3]},
-                               "shard_size": 16, "chunk_size": 8, "feature_dtype": "float16"}
+                               "shard_size": 16, "chunk_size": 8, "feature_codec": "float16", "ranks": {}}
 
     # chunks, shards and codec, from the arrays' own metadata and from zarr.json on disk
     for name, (shape, _) in LAYOUT.arrays().items():

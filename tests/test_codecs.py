@@ -48,7 +48,12 @@ def test_shuffle_auto_keeps_byte_order_for_cnn_maps_only():
     ("cache.codec_overrides", "[features]", "cache.codec_overrides: 'features' is not NAME=CODEC"),
     ("cache.codec_overrides", "[features=brotli]", "cache.codec_overrides: 'features=brotli'"),
     ("cache.codec_overrides", "[features=none:shuffle]", "cache.codec_overrides: 'features=none:shuffle'"),
-    ("cache.feature_dtype", "bfloat16", "cache.feature_dtype: 'bfloat16' is not float16 or int8"),
+    ("cache.feature_codec", "bfloat16", "cache.feature_codec: 'bfloat16' is not float16, int8, or pca:"),
+    ("cache.feature_codec", "pca:1.5:int8", "cache.feature_codec: 'pca:1.5:int8' is not"),
+    ("cache.feature_codec", "pca:0.99:int2", "cache.feature_codec: 'pca:0.99:int2' is not"),
+    ("cache.feature_codec", "pca:0.99:int8:0", "cache.feature_codec: 'pca:0.99:int8:0' is not"),
+    ("cache.feature_dtype", "int8", "cache.feature_dtype is now cache.feature_codec"),
+    ("cache.codec_max_error", "0", "cache.codec_max_error: must be positive"),
     ("cache.writers", "-1", "cache.writers: must be >= 0"),
 ])
 def test_config_refuses_bad_cache_values(key, value, match):
@@ -107,7 +112,7 @@ def test_int8_features_through_pack_and_loader(tmp_path):
     from student_train.loader import StudentLoader
     profile = PROFILES["tiny"]
     ref = Context(profile, tmp_path / "f16").filled_store("teacher_vit")
-    ctx = Context(dataclasses.replace(profile, feature_dtype="int8", writers=3), tmp_path / "i8")
+    ctx = Context(dataclasses.replace(profile, feature_codec="int8", writers=3), tmp_path / "i8")
     store = ctx.filled_store("teacher_vit")
     (layer,) = store.layout.layers
     assert store.group[f"features/{layer}"].dtype == np.int8 and store.verify() == []

@@ -16,9 +16,9 @@ from teacher_cache.store import CacheStore, file_checksum, shard_key
 LAYERS = {"blocks.2": (5, 6), "layer3": (4, 3, 3)}  # a ViT's tokens, a CNN's map
 
 
-def layout(n: int, feature_dtype: str = "float16") -> Layout:
+def layout(n: int, feature_codec: str = "float16") -> Layout:
     return Layout(n=n, views=2, image_size=8, num_classes=10, layers=LAYERS, shard_size=16, chunk_size=4,
-                  feature_dtype=feature_dtype)
+                  feature_codec=feature_codec)
 
 
 def unit_arrays(lay: Layout, u: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -40,9 +40,9 @@ def shard_bytes(store: CacheStore, name: str, u: int) -> bytes:
 # n=40: the last unit holds 8 of 16 rows (whole chunks); n=37: 5 rows (a padded chunk, then absent chunks)
 @pytest.mark.parametrize("n", [40, 37])
 @pytest.mark.parametrize("codec", ["none", "lz4", "zstd", "lz4:shuffle", "zstd:noshuffle"])
-@pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
-def test_shards_are_zarrs_own_bytes(tmp_path, n, codec, feature_dtype):
-    lay = layout(n, feature_dtype)
+@pytest.mark.parametrize("feature_codec", ["float16", "int8"])
+def test_shards_are_zarrs_own_bytes(tmp_path, n, codec, feature_codec):
+    lay = layout(n, feature_codec)
     ours = CacheStore.create_or_open(tmp_path / "ours.zarr", lay, {"x": 1}, {}, codec=codec)
     zarrs = CacheStore.create_or_open(tmp_path / "zarr.zarr", lay, {"x": 1}, {}, codec=codec)
     rng = np.random.default_rng(0)
