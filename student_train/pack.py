@@ -165,8 +165,7 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / META_NAME
 
-    arrays = {role: [a for a in lay.arrays() if a == "logits" or a.startswith(("features/", "scales/"))]
-              for role, lay in layouts.items()}
+    arrays = {role: lay.per_view_arrays() for role, lay in layouts.items()}
     s = first.image_size
     fields = {"image": NDArrayField(np.dtype("uint8"), (s, s, 3)), "label": IntField(), "index": IntField(),
               "view": NDArrayField(np.dtype("float32"), (5,))}
@@ -199,7 +198,7 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
     os.replace(tmp, beton)  # a half-written file never takes the real name
     params = _write_params(opened, out_dir)
     meta = {"source_digest": digest, "beton_bytes": beton.stat().st_size, "beton_crc32c": file_crc32c(beton),
-            "rows": len(rows), "images": first.n, "views": first.views,
+            "rows": len(rows), "row_bytes": row_bytes, "images": first.n, "views": first.views,
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
             "stores": {r: p if is_url(p) else str(Path(p).resolve()) for r, p in stores.items()},
             "identities": {r: o.attrs["identity"] for r, o in opened.items()}, "params": params}

@@ -47,6 +47,10 @@ class Layout:
                 out[f"scales/{name}"] = ((self.n, k, *scale_shape(shape)), "float16")
         return out
 
+    def per_view_arrays(self) -> list[str]:
+        """The arrays with one entry per view (logits, features, their scales): what a packed row holds of this store."""
+        return [a for a in self.arrays() if a not in ("images", "labels", "views")]  # views: a row holds its own once
+
     def unit_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, dtype) of every per-sample array for one full unit (a writer's buffer)."""
         return {name: ((self.shard_size, *shape[1:]), dtype) for name, (shape, dtype) in self.arrays().items()}

@@ -39,3 +39,20 @@ def test_cache_dry_run_prints_sizes(tmp_path, capsys):
     assert logits and all(int(r[2].replace(",", "")) == k * 10 * 2 for r in logits)
     assert len(re.findall(r"^\s+total\s+\S+ \S*B\s+\S+ \S*B$", text, re.M)) == 2
     assert re.search(r"all stores: [\d.,]+ [KMGT]?B uncompressed, about [\d.,]+ [KMGT]?B stored", text)
+
+
+def test_dry_run_json_totals_stores_packed_file_and_teachers(capsys):
+    """`--json` is one object whose total adds every part, and the packed rows hold what the stores hold per view."""
+    import json
+    assert cli_main(["cache", "--dry-run", "--json", *SMALL]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    cfg = small_cfg()
+    n, k, s = plan["images"], plan["views"], cfg.data.image_size
+    assert (n, k) == (64, cfg.cache.views)
+    per_view = sum(a["bytes_per_image"] // k for st in plan["stores"].values()
+                   for name, a in st["arrays"].items() if name not in ("images", "labels", "views"))
+    assert plan["packed"]["row_bytes"] == s * s * 3 + 5 * 4 + 16 + per_view
+    assert plan["packed"]["rows"] == n * k and plan["packed"]["bytes"] >= n * k * plan["packed"]["row_bytes"]
+    stored = sum(st["stored_bytes"] for st in plan["stores"].values())
+    assert plan["total_bytes"] == stored + plan["packed"]["bytes"] + sum(plan["teachers"].values())
+    assert all(b > 0 for b in plan["teachers"].values())

@@ -285,3 +285,14 @@ def test_truncated_file_raises(tiny_packed, tmp_path):
     with pytest.raises(LoaderError, match=str(bad)):
         for _ in StudentLoader(bad, meta, [], batch_size=16, workers=1, seed=0, timeout_s=5):
             pass
+
+
+def test_dry_run_plans_the_packed_rows_the_packer_writes(tiny_cache, tiny_packed):
+    """`hakd cache --dry-run` counts the packed file with the packer's own row size, and the file holds them."""
+    from teacher_cache.sizing import disk_plan
+    cfg, _ = tiny_cache
+    beton, meta = tiny_packed
+    plan = disk_plan(cfg)
+    assert plan["packed"]["row_bytes"] == meta["row_bytes"]
+    assert plan["packed"]["rows"] == meta["rows"]
+    assert beton.stat().st_size >= meta["rows"] * meta["row_bytes"]
