@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from infra.config import DEFAULT_OUT, ConfigError, load_config
 from infra import failures
+from infra.config import DEFAULT_OUT, ConfigError, load_config, resolve_paths
 from infra.errors import Interrupted
 from infra.exclusive import exclusive_out
 
@@ -58,8 +58,9 @@ def _summary(rows: list[tuple[str, str, float, str]]) -> str:
 
 def _run_stages(args, stages: list[str]) -> int:
     from infra import pipeline
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
+    # absolute before any Ray task, actor or torchrun rank sees them: those run in other directories
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    out = Path(os.path.abspath(os.path.expanduser(args.out)))
     from student_train.distributed import check_launch, is_main
     check_launch(stages)
     if not is_main():  # under torchrun rank 0 alone checks OUT (and writes in it); the others wait for its packing

@@ -7,9 +7,11 @@ Defaults are the embedded demo (`infra/configs/demo.yaml` restates them).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ class DataConfig:
     occlusion_fraction: float = 0.4    # fraction of the patch grid covered in the occluded variant
     seed: int = 0                 # the dataset, its variants and its views are a function of this seed
     verify_md5: bool = True       # cifar10 / stl10: refuse files whose md5 is not the official one (false: re-packed copies, test fixtures)
+    skip_unreadable: bool = False  # imagefolder: leave out images that cannot be read (a truncated JPEG), counted in the stage line and listed in its run.json; false: the first one stops the run, named
 
 
 @dataclass
@@ -140,15 +143,47 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     # grid of train.* values, e.g. {"train.kd_lambda": [0.5, 1, 2]}: one trial per (student, seed, grid point)
     sweep: dict[str, list[Any]] = field(default_factory=dict)
+    # written by hakd, not by users: each path of PATH_KEYS that the command made absolute, as [given, resolved]
+    given_paths: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))
 
     def digest(self, *sections: str) -> str:
-        """Stable hash of the given sections (all when none): what decides whether a stage is reusable."""
+        """Stable hash of the given sections (all when none): what decides whether a stage is reusable.
+
+        Paths count in the form they were given (a run is recognised from any directory). data.skip_unreadable
+        does not count: a run that skipped nothing has the data it would have without it, and one that skipped
+        files has another data fingerprint, which its stores record."""
         d = self.to_dict()
+        for key, (given, resolved) in d.pop("given_paths").items():
+            section, name = key.split(".")
+            if d[section][name] == resolved:
+                d[section][name] = given
+        del d["data"]["skip_unreadable"]
         part = {k: d[k] for k in sections} if sections else d
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# every path in the config; a URL (cache.location = s3://...) is no path
+PATH_KEYS = ("data.root", "teacher_vit.weights", "teacher_cnn.weights", "cache.location")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The config with every path of PATH_KEYS absolute (`~` expanded) and each one changed recorded in
+    given_paths. The command does this once, before any Ray task, actor or torchrun rank sees the config: they
+    run in other directories (a Ray worker in the cluster's), where a relative path names another place."""
+    cfg = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or "://" in value:
+            continue
+        resolved = os.path.abspath(os.path.expanduser(value))
+        if resolved != value:
+            setattr(getattr(cfg, section), name, resolved)
+            cfg.given_paths[key] = [value, resolved]
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -279,6 +314,10 @@ def validate(cfg: Config) -> None:
     need(len(set(t.seeds)) == len(t.seeds), "train.seeds", "names a seed twice")
     need(t.trial_cpus >= 1, "train.trial_cpus", "must be >= 1")
     _validate_sweep(cfg.sweep)
+    for key, pair in cfg.given_paths.items():
+        need(key in PATH_KEYS and len(pair) == 2, f"given_paths.{key}",
+             f"hakd records here the paths it resolved, as [given, resolved] for one of {', '.join(PATH_KEYS)}; "
+             f"remove the entry")
 
 
 # train.* keys that do not change what a trial learns, or that the sweep itself sets

@@ -163,11 +163,22 @@ def stage_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> d
         summary = run_cache(cfg, out, overwrite=overwrite, log=log)
     except KeyboardInterrupt:
         raise Interrupted("while caching; finished shards are kept and the fitted teachers too") from None
-    _mark_done(cfg, out, "cache", summary=summary)
+    from student_train.fidelity import measure_all  # the codec's error on the KD targets; refuses above the bound
+    for role, record in measure_all(cfg, out, device_for(cfg)).items():
+        summary[role]["fidelity"] = record
+    from teacher_cache.datasets import skipped_files
+    skipped = skipped_files(cfg.data, "train")
+    _mark_done(cfg, out, "cache", summary=summary, unreadable_skipped=skipped)
     note = "; ".join(f"{role}: {r['units_written']} of {r['units']} units written"
                      + (f", {r['image_views_per_s']:,.0f} img/s" if r.get("image_views_per_s") else "")
-                     for role, r in summary.items())
+                     + f", {r['fidelity']['codec']} (loss terms within {r['fidelity']['worst']:.1%})"
+                     for role, r in summary.items()) + _skipped_note(skipped, out / "cache")
     return {"status": "ran", "detail": summary, "note": note}
+
+
+def _skipped_note(skipped: list[str], stage_dir: Path) -> str:
+    """The stage line's count of unreadable files left out (data.skip_unreadable); run.json lists them."""
+    return f"; {len(skipped)} unreadable image(s) skipped, listed in {stage_dir / 'run.json'}" if skipped else ""
 
 
 # ---------------------------------------------------------------- train
@@ -342,6 +353,10 @@ def stage_analyze(cfg: Config, out: Path, overwrite: bool = False, log=print, se
     from teacher_cache.job import teacher_file
     fits = {r: teacher_file(out, cfg, r, ".json") for r in ("teacher_vit", "teacher_cnn")}  # under cache.location
     metrics["teacher_fit"] = {r: json.loads(storage.read_bytes(p)) for r, p in fits.items() if storage.exists(p)}
+    from student_train.fidelity import codec_meta
+    metrics["meta"]["codec"] = codec_meta(cfg, out)  # each teacher's feature codec, bytes per view and errors
     paths = write_report(metrics, out / "report", res["gradcam_grid"])
-    _mark_done(cfg, out, "analyze", models=models)
-    return {"status": "ran", "report": str(paths["markdown"])}
+    from teacher_cache.datasets import skipped_files
+    skipped = skipped_files(cfg.data, "clean")  # the test images every variant is made of
+    _mark_done(cfg, out, "analyze", models=models, unreadable_skipped=skipped)
+    return {"status": "ran", "report": str(paths["markdown"]), "note": _skipped_note(skipped, out / "report")[2:]}

@@ -1,7 +1,8 @@
 """One entry point for every dataset the pipeline reads: the generated shapes or a real one.
 
 A split is a dict of numpy arrays: images uint8 (N, S, S, 3) RGB at `data.image_size`, labels
-int64 (N,), texture_labels (int64 or None) and object masks (bool (N, S, S) or None).
+int64 (N,), texture_labels (int64 or None) and object masks (bool (N, S, S) or None); a real
+dataset's also lists the files it left out as unreadable ("skipped", data.skip_unreadable).
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def class_names(data: DataConfig) -> list[str]:
 def load_split(data: DataConfig, variant: str) -> dict[str, np.ndarray | None]:
     """The training split ("train") or one test variant ("clean", "occluded", "texture")."""
     return _load(_key(data), variant)
+
+
+def skipped_files(data: DataConfig, variant: str) -> list[str]:
+    """The files of a split left out as unreadable (data.skip_unreadable: ImageFolder images)."""
+    return list(load_split(data, variant).get("skipped") or [])
 
 
 def _key(data: DataConfig) -> tuple:

@@ -18,6 +18,7 @@ Everything is a function of the files on disk and `data.seed`.
 from __future__ import annotations
 
 import functools
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,15 @@ _WHY_MD5 = {"cifar10": "CIFAR-10's batches are Python pickles, which can run cod
 
 class ForeignDataFile(UserError, ValueError):
     """A dataset file that is not the official one, refused before it is read."""
+
+
+class UnreadableData(UserError, ValueError):
+    """A dataset file (an image of an ImageFolder, a file of a packed dataset) that cannot be read."""
+
+
+# what PIL and torchvision's readers raise for a damaged or foreign file (a truncated JPEG: OSError)
+_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, AssertionError, RuntimeError, pickle.UnpicklingError,
+                Image.DecompressionBombError)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,9 +178,43 @@ def _pick(n: int, limit: int | None, data: DataConfig) -> np.ndarray:
     return np.arange(limit)
 
 
-def _read_split(data: DataConfig, train: bool, limit: int | None) -> tuple[list[Image.Image], np.ndarray]:
-    """PIL images at native size (mode L for FashionMNIST, else RGB) and int64 labels of one split."""
-    ds = _torchvision_split(data, train)
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _read_images(ds, keep: np.ndarray, data: DataConfig) -> tuple[list[Image.Image], list[int], list[str]]:
+    """The ImageFolder images `keep` (decoded now, so a damaged file is found here): the images, their indices
+    and the paths left out as unreadable (data.skip_unreadable; without it the first one is an error)."""
+    images, kept, skipped = [], [], []
+    for i in keep:
+        path = ds.samples[i][0]
+        try:
+            images.append(ds.loader(path))
+        except _READ_ERRORS as e:
+            if not data.skip_unreadable:
+                raise UnreadableData(f"{path} cannot be read as an image ({_why(e)}): replace or delete it, or "
+                                     f"set data.skip_unreadable=true to leave unreadable images out") from None
+            skipped.append(path)
+            continue
+        kept.append(int(i))
+    if not images:
+        raise UnreadableData(f"none of the {len(keep)} images under {Path(ds.root)} can be read (the first: "
+                             f"{skipped[0]}); check that the files are images")
+    return images, kept, skipped
+
+
+def _read_split(data: DataConfig, train: bool, limit: int | None) -> tuple[list[Image.Image], np.ndarray, list[str]]:
+    """PIL images at native size (mode L for FashionMNIST, else RGB), int64 labels of one split, and the
+    files left out as unreadable."""
+    try:
+        ds = _torchvision_split(data, train)
+    except (UserError, FileNotFoundError):
+        raise
+    except _READ_ERRORS as e:  # a packed dataset file cut short or not in the official format
+        raise UnreadableData(f"the {data.name} files under {data.root} cannot be read ({_why(e)}): one is damaged "
+                             f"or not in the official format; replace them with the official files "
+                             f"(data.download=true fetches them)") from None
     if data.name == "imagefolder":
         labels = np.asarray(ds.targets, dtype=np.int64)
         if not train:  # a test folder may miss classes: index by the training folder's classes
@@ -179,8 +223,8 @@ def _read_split(data: DataConfig, train: bool, limit: int | None) -> tuple[list[
             if unknown:
                 raise ValueError(f"{data.root}/test has classes {unknown} that {data.root}/train lacks")
             labels = np.array([train_classes.index(ds.classes[t]) for t in labels], dtype=np.int64)
-        keep = _pick(len(ds.samples), limit, data)
-        return [ds.loader(ds.samples[i][0]) for i in keep], labels[keep]
+        images, kept, skipped = _read_images(ds, _pick(len(ds.samples), limit, data), data)
+        return images, labels[kept], skipped
     if data.name == "cifar10":
         pixels, labels = ds.data, ds.targets  # (N, 32, 32, 3)
     elif data.name == "stl10":
@@ -188,7 +232,7 @@ def _read_split(data: DataConfig, train: bool, limit: int | None) -> tuple[list[
     else:
         pixels, labels = ds.data.numpy(), ds.targets.numpy()  # (N, 28, 28) grayscale
     keep = _pick(len(pixels), limit, data)
-    return [Image.fromarray(pixels[i]) for i in keep], np.asarray(labels, dtype=np.int64)[keep]
+    return [Image.fromarray(pixels[i]) for i in keep], np.asarray(labels, dtype=np.int64)[keep], []
 
 
 def _to_square(img: Image.Image, size: int) -> np.ndarray:
@@ -209,8 +253,10 @@ def load_real(data: DataConfig, variant: str) -> dict[str, np.ndarray | None]:
     """One split or bias variant of a real dataset, in the format of `make_shapes`.
 
     Returns images uint8 (N, S, S, 3) RGB with S = data.image_size, labels int64 (N,),
-    texture_labels (int64 for the texture variant, else None) and masks (bool (N, S, S) object
-    masks for FashionMNIST, else None). Missing files raise FileNotFoundError naming them.
+    texture_labels (int64 for the texture variant, else None), masks (bool (N, S, S) object
+    masks for FashionMNIST, else None) and skipped (the ImageFolder files left out as unreadable,
+    data.skip_unreadable). Missing files raise FileNotFoundError naming them, unreadable ones
+    UnreadableData naming the file.
     """
     if data.name not in REAL_DATASETS:
         raise ValueError(f"unknown real dataset {data.name!r}; choose one of {', '.join(REAL_DATASETS)}")
@@ -221,7 +267,7 @@ def load_real(data: DataConfig, variant: str) -> dict[str, np.ndarray | None]:
                          f"{data.name} does not have (its objects fill natural scenes); it is defined for "
                          f"{', '.join(TEXTURE_DATASETS)} only")
     train = variant == "train"
-    pil, labels = _read_split(data, train, None if train else data.test_size)
+    pil, labels, skipped = _read_split(data, train, None if train else data.test_size)
     size = data.image_size
     images = np.stack([_to_square(im, size) for im in pil])
     masks = texture_labels = None
@@ -235,4 +281,4 @@ def load_real(data: DataConfig, variant: str) -> dict[str, np.ndarray | None]:
         texture_labels = rng.integers(0, len(TEXTURES), len(images)).astype(np.int64)
         background = texture_images(texture_labels, size, rng).round().astype(np.uint8)
         images = np.where(masks[..., None], images, background)
-    return {"images": images, "labels": labels, "texture_labels": texture_labels, "masks": masks}
+    return {"images": images, "labels": labels, "texture_labels": texture_labels, "masks": masks, "skipped": skipped}

@@ -1,0 +1,95 @@
+"""Paths are resolved once, in the driver: hakd runs from any directory, and its digests do not move."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from infra.config import config_from_dict, dump_config, load_config, resolve_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+HAKD = Path(sys.executable).parent / "hakd"
+
+
+def _old_digest(cfg, *sections) -> str:
+    """The digest as it was before paths were resolved and skip_unreadable existed: what existing runs record."""
+    d = cfg.to_dict()
+    del d["given_paths"], d["data"]["skip_unreadable"]
+    part = {k: d[k] for k in sections} if sections else d
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_resolving_paths_leaves_every_digest_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("w.pt").write_bytes(b"")
+    cfg = load_config(None, [*TINY, "data.root=data", "cache.location=shared/cache", "teacher_cnn.weights=w.pt"])
+    resolved = resolve_paths(cfg)
+    assert resolved.data.root == str(tmp_path / "data") and resolved.cache.location == str(tmp_path / "shared/cache")
+    assert resolved.teacher_cnn.weights == str(tmp_path / "w.pt") and resolved.teacher_vit.weights is None
+    assert resolved.given_paths == {"data.root": ["data", str(tmp_path / "data")],
+                                    "cache.location": ["shared/cache", str(tmp_path / "shared/cache")],
+                                    "teacher_cnn.weights": ["w.pt", str(tmp_path / "w.pt")]}
+    from student_train.sweep import plan_trials, trial_config, trial_digest
+    for sections in [(), ("data",), ("cache",), ("teacher_cnn", "data", "seed")]:
+        assert resolved.digest(*sections) == cfg.digest(*sections) == _old_digest(cfg, *sections)
+    # what a Ray task rebuilds from the config it is sent, and what a trial records, are the same too
+    assert config_from_dict(resolved.to_dict()).digest() == cfg.digest()
+    assert [trial_digest(trial_config(resolved, t)) for t in plan_trials(resolved)] == \
+           [trial_digest(trial_config(cfg, t)) for t in plan_trials(cfg)]
+    # config.yaml keeps both forms, and read back it names the same run
+    saved = yaml.safe_load(dump_config(resolved))
+    assert saved["data"]["root"] == str(tmp_path / "data") and saved["given_paths"]["data.root"][0] == "data"
+    again = resolve_paths(config_from_dict(saved))
+    assert again.digest() == cfg.digest()
+    saved["data"]["root"] = "/elsewhere"  # a path changed by hand is a change of the config
+    assert config_from_dict(saved).digest() != cfg.digest()
+    assert resolve_paths(resolved).given_paths == resolved.given_paths  # resolving twice changes nothing
+
+
+def test_urls_and_absolute_paths_are_left_as_they_are():
+    cfg = load_config(None, ["cache.location=s3://bucket/prefix", "data.root=/srv/data"])
+    resolved = resolve_paths(cfg)
+    assert resolved.cache.location == "s3://bucket/prefix" and resolved.data.root == "/srv/data"
+    assert resolved.given_paths == {}
+
+
+def test_skipping_unreadable_files_is_not_a_config_change():
+    assert load_config(None, ["data.skip_unreadable=true"]).digest() == load_config(None, []).digest()
+
+
+def test_a_given_paths_entry_is_checked():
+    from infra.config import ConfigError
+    with pytest.raises(ConfigError, match="given_paths.data.nope"):
+        config_from_dict({"given_paths": {"data.nope": ["a", "/b"]}})
+
+
+@pytest.mark.slow
+def test_hakd_from_another_directory_writes_only_under_a_relative_out(tmp_path):
+    """The issue's case: `hakd run --out rel` from a directory that is not the repository's root, then
+    `hakd analyze` on a finished run copied elsewhere (its tasks read the models by path)."""
+    repo_before = set(os.listdir(ROOT))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run([str(HAKD), "run", "--out", "rel", *TINY], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]
+    assert (tmp_path / "rel" / "report" / "report.md").is_file()
+    config = yaml.safe_load((tmp_path / "rel" / "config.yaml").read_text())
+    assert config["given_paths"]["data.root"] == ["data", str(tmp_path / "data")]
+    shutil.copytree(tmp_path / "rel", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "report")
+    analyze = subprocess.run([str(HAKD), "analyze", "--out", "moved", *TINY], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=1200)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    assert json.loads((tmp_path / "moved" / "report" / "metrics.json").read_text())["accuracy"] == \
+        json.loads((tmp_path / "rel" / "report" / "metrics.json").read_text())["accuracy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved", "rel"]
+    assert set(os.listdir(ROOT)) - repo_before == set()  # no stray `rel/` in the repository's root
