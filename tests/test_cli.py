@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from infra.cli import main
-from tests.conftest import TINY
+from conftest import TINY
 
 MODELS = ["teacher_vit", "teacher_cnn", "student_kd_vit", "student_kd_cnn", "student_independent"]
 

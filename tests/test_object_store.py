@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from conftest import TINY
 
 BUCKET = "hakd-test"
 

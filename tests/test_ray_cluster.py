@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY
+from conftest import TINY
 from tests.test_object_store import BUCKET, s3_env, use_s3  # noqa: F401  (s3_env: the moto server fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 
 from infra.cli import main
 from infra.integrity import file_crc32c, loads_tensors
-from tests.conftest import TINY
+from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 

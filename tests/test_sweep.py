@@ -9,7 +9,7 @@ from analysis.grid import points
 from infra.cli import main
 from infra.config import ConfigError, load_config
 from student_train.sweep import Trial, finished, plan_trials, trial_config, trial_dir
-from tests.conftest import TINY
+from conftest import TINY
 
 
 def test_plan_and_trial_configs():
