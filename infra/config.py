@@ -102,6 +102,7 @@ class TrainConfig:
     log_every: int = 50           # steps between host synchronisations for logging
     device: str = "auto"          # auto | cpu | cuda
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run of every student per seed (Ray Tune trials)
+    views: int = 0                # train from the first k of the cache's K views (0: all K); 1 is the plain image alone, no augmentation
     trial_cpus: int = 1           # CPUs (and torch threads) per trial on a machine without GPUs; trials run side by side
 
 
@@ -161,6 +162,8 @@ class Config:
             if d[section][name] == resolved:
                 d[section][name] = given
         del d["data"]["skip_unreadable"]
+        if d["train"]["views"] == 0:  # all views, as every run made before the key existed
+            del d["train"]["views"]
         part = {k: d[k] for k in sections} if sections else d
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -290,6 +293,8 @@ def validate(cfg: Config) -> None:
     need(t.pca_qkv in ("conv3x3", "conv1x1", "dwsep"), "train.pca_qkv",  # student_train.projectors.QKV_MAPS
          f"{t.pca_qkv!r} is not one of conv3x3 (the paper's), conv1x1, dwsep")
     need(t.gl_groups >= 1, "train.gl_groups", "must be >= 1")
+    need(0 <= t.views <= c.views, "train.views",
+         f"is {t.views}; must be between 1 and cache.views ({c.views}), or 0 for all of them")
     need(t.logit_temperature > 0, "train.logit_temperature", "must be positive")
     need(t.loader_workers >= 1, "train.loader_workers", "must be >= 1")
     need(t.loader_timeout_s > 0, "train.loader_timeout_s", "must be positive")

@@ -62,10 +62,12 @@ class LoaderError(RuntimeError):
     """The data loader failed or stalled; the message names the cause."""
 
 
-def view_order(n_images: int, k: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """Row indices (image * k + view) for one epoch: one view per image, shuffled, this rank's share."""
+def view_order(n_images: int, k: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+               use: int = 0) -> np.ndarray:
+    """Row indices (image * k + view) for one epoch: one of the first `use` views per image (0: all k),
+    shuffled, this rank's share. View 0 is the plain image, so use=1 trains without augmentation."""
     rng = np.random.default_rng([seed, epoch, 0x71E3])
-    rows = np.arange(n_images, dtype=np.int64) * k + rng.integers(0, k, n_images)
+    rows = np.arange(n_images, dtype=np.int64) * k + rng.integers(0, use or k, n_images)
     rows = rng.permutation(rows)
     if world > 1:  # pad like DistributedSampler so every rank gets the same number of rows
         total = -(-len(rows) // world) * world
@@ -78,9 +80,9 @@ def _make_order_class():
     from ffcv.traversal_order.base import TraversalOrder
 
     class ViewOrder(TraversalOrder):
-        def __init__(self, loader, n_images: int, k: int):
+        def __init__(self, loader, n_images: int, k: int, use: int):
             super().__init__(loader)
-            self.n_images, self.k = n_images, k
+            self.n_images, self.k, self.use = n_images, k, use
             if self.distributed:
                 self.rank = torch.distributed.get_rank()
                 self.world = torch.distributed.get_world_size()
@@ -88,7 +90,7 @@ def _make_order_class():
                 self.rank, self.world = 0, 1
 
         def sample_order(self, epoch: int):
-            return view_order(self.n_images, self.k, self.seed, epoch, self.rank, self.world)
+            return view_order(self.n_images, self.k, self.seed, epoch, self.rank, self.world, self.use)
 
     return ViewOrder
 
@@ -97,7 +99,8 @@ class StudentLoader:
     """Iterate one epoch at a time: dicts of tensors (image uint8 NHWC, label, index, view, fields)."""
 
     def __init__(self, beton: Path, meta: dict, fields: list[str], batch_size: int, workers: int, seed: int,
-                 timeout_s: float = 120.0, distributed: bool = False, drop_last: bool = True, shuffle: bool = True):
+                 timeout_s: float = 120.0, distributed: bool = False, drop_last: bool = True, shuffle: bool = True,
+                 views: int = 0):
         from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor
@@ -124,7 +127,7 @@ class StudentLoader:
         torch.set_num_threads(self.torch_threads)
         if shuffle:
             # FFCV 1.0.2 cannot take a custom order class in its constructor; install ours after
-            order = _make_order_class()(self.loader, meta["images"], meta["views"])
+            order = _make_order_class()(self.loader, meta["images"], meta["views"], views)  # views: the first k used
             self.loader.traversal_order = order
             self.loader.first_traversal_order = order.sample_order(0)
         else:  # evaluation: view 0 of every image, in order

@@ -148,6 +148,18 @@ def test_view_order_one_row_per_image_new_views_each_epoch():
     assert not np.array_equal(view_order(N, K, 0, 0), view_order(N, K, 1, 0))
 
 
+@pytest.mark.parametrize("use", [1, 2])
+def test_view_order_uses_only_the_first_views(use):
+    """train.views = k: one of the first k views per image; k = 1 is the plain image (view 0) every epoch."""
+    seen = set()
+    for e in range(6):
+        rows = view_order(N, K, 0, e, use=use)
+        assert np.array_equal(np.sort(rows // K), np.arange(N))
+        seen |= set((rows % K).tolist())
+    assert seen == set(range(use))
+    assert np.array_equal(view_order(N, K, 0, 3, use=K), view_order(N, K, 0, 3))  # all K: the default order
+
+
 @pytest.mark.parametrize("n", [N, N + 1])
 def test_view_order_ranks_split_the_global_order(n):
     for epoch in (0, 1):
@@ -180,6 +192,9 @@ def test_loader_follows_view_order(tiny_cache, tiny_packed):
             assert torch.equal(seen[epoch]["view"], b["view"]) and torch.equal(seen[epoch]["image"], b["image"])
         seen[epoch] = b
     assert not torch.equal(seen[0]["view"], seen[1]["view"])
+    plain = StudentLoader(beton, meta, [], batch_size=16, workers=1, seed=cfg.seed, timeout_s=60, views=1)
+    b = epoch_batches(plain, 1)  # train.views = 1: the plain image, view 0, whatever the epoch
+    assert np.array_equal(b["view"].numpy(), views[b["index"].numpy(), 0])
 
 
 # ------------------------------------------------------------------------------------ 3. replay
