@@ -12,6 +12,7 @@ its few cells into smooth blobs, which the spread measures would read as more gl
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -54,7 +55,8 @@ def vit_reshape_transform(grid_h: int, grid_w: int, prefix_tokens: int = 1) -> C
 
 def gradcam_maps(model: nn.Module, target_layer: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  reshape_transform: Callable | None = None, batch_size: int = 32) -> np.ndarray:
-    """Raw GradCAM maps (B, h, w), float32 and non-negative, for the true class, on the target layer's grid.
+    """Raw GradCAM maps (B, h, w), float32 and non-negative, for the class in `labels` (the true class, or the
+    model's prediction: analysis.robustness.predict), on the target layer's grid.
 
     Not min-max scaled: scaling the class logit by 10 scales the map by 10. A ViT layer needs
     `reshape_transform` (see `vit_reshape_transform`) to turn its tokens into a grid.
@@ -167,12 +169,19 @@ def rank_correlation(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
         return (ranks_a * ranks_b).sum(axis=1) / np.sqrt((ranks_a ** 2).sum(axis=1) * (ranks_b ** 2).sum(axis=1))
 
 
+def dropped_maps(maps: np.ndarray) -> int:
+    """How many maps have no mass (all zero after the ReLU): they have no distribution, so every measure
+    leaves them out, and two models are then scored on different images."""
+    return int((np.asarray(maps, dtype=np.float64).reshape(len(maps), -1).sum(axis=1) <= 0).sum())
+
+
 def summarize_gradcam(maps: np.ndarray, masks: np.ndarray | None = None,
                       reference: np.ndarray | None = None) -> dict[str, float]:
     """Means over images (ignoring nan) of the measures above, for maps on one common grid.
 
     Keys: "entropy", "mass50", "mass90", plus "energy_inside" when `masks` is given and
-    "rank_corr_teacher" when `reference` (e.g. the teacher's maps of the same images) is given.
+    "rank_corr_teacher" when `reference` (e.g. the teacher's maps of the same images) is given; "maps"
+    counts the maps and "dropped" those left out of every mean for having no mass (`dropped_maps`).
     """
     summary = {
         "entropy": normalized_entropy(maps),
@@ -183,4 +192,7 @@ def summarize_gradcam(maps: np.ndarray, masks: np.ndarray | None = None,
         summary["energy_inside"] = energy_inside(maps, masks)
     if reference is not None:
         summary["rank_corr_teacher"] = rank_correlation(maps, reference)
-    return {name: float(np.nanmean(values)) for name, values in summary.items()}
+    with warnings.catch_warnings():  # every map dropped: the means are nan, and "dropped" says why
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = {name: float(np.nanmean(values)) for name, values in summary.items()}
+    return {**means, "maps": len(maps), "dropped": dropped_maps(maps)}

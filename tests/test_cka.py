@@ -61,6 +61,41 @@ def test_gram_form_equals_feature_form():
     assert linear_cka(x.numpy().reshape(40, 3, 4), y.numpy()) == pytest.approx(gram, abs=1e-10)
 
 
+def _hsic_kornblith(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Biased HSIC with the centring matrix H = I - 11^T/n: tr(K H L H) (the 1/(n-1)^2 cancels in CKA)."""
+    n = k.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    return torch.trace(k @ h @ l @ h)
+
+
+def _hsic_song(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012, eq. 5; Nguyen et al. 2021), written out from the paper: with K~, L~ the
+    Gram matrices with zeroed diagonals, [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))."""
+    n = k.shape[0]
+    kt, lt = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
+    one = torch.ones(n, 1, dtype=torch.float64)
+    return (torch.trace(kt @ lt) + (one.T @ kt @ one) * (one.T @ lt @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one.T @ kt @ lt @ one)).squeeze() / (n * (n - 3))
+
+
+@pytest.mark.parametrize("seed, n, d1, d2", [(0, 30, 5, 7), (1, 12, 40, 3), (2, 50, 20, 20)])
+def test_against_the_papers_formulas(seed, n, d1, d2):
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with linear kernels K = XX^T, L = YY^T on random data: the
+    biased estimate with Kornblith et al.'s centring matrices, the debiased one with Song et al.'s estimator."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d1, generator=g, dtype=torch.float64) + 3.0  # uncentred: H must do the centring
+    y = x[:, :min(d1, d2)].repeat(1, 1 + d2 // d1)[:, :d2] * 0.5 + torch.randn(n, d2, generator=g, dtype=torch.float64)
+    k, l = x @ x.T, y @ y.T
+    for hsic, debiased in ((_hsic_kornblith, False), (_hsic_song, True)):
+        direct = float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)))
+        assert linear_cka(x, y, debiased=debiased) == pytest.approx(direct, abs=1e-10)
+        assert linear_cka(x.numpy(), y.numpy(), debiased=debiased) == pytest.approx(direct, abs=1e-10)
+    acc = MinibatchCKA(1, 1)
+    acc.update([x], [y])
+    assert acc.result()[0, 0] == pytest.approx(float(_hsic_song(k, l) / torch.sqrt(_hsic_song(k, k) * _hsic_song(l, l))),
+                                               abs=1e-10)
+
+
 def test_debiased_removes_small_sample_bias():
     x, y = _features(30, 2000, seed=2), _features(30, 2000, seed=3)
     assert linear_cka(x, y) > 0.3

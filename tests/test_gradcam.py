@@ -59,11 +59,42 @@ def test_rank_correlation_self_and_negation():
 def test_summary_keys_and_values():
     maps = _uniform_and_point()
     summary = summarize_gradcam(maps, masks=np.ones((8, 8), bool), reference=maps)
-    assert set(summary) == {"entropy", "mass50", "mass90", "energy_inside", "rank_corr_teacher"}
+    assert set(summary) == {"entropy", "mass50", "mass90", "energy_inside", "rank_corr_teacher", "maps", "dropped"}
     assert summary["entropy"] == pytest.approx(0.5)
     assert summary["energy_inside"] == pytest.approx(1.0)
     assert summary["rank_corr_teacher"] == pytest.approx(1.0)
-    assert set(summarize_gradcam(maps)) == {"entropy", "mass50", "mass90"}
+    assert set(summarize_gradcam(maps)) == {"entropy", "mass50", "mass90", "maps", "dropped"}
+
+
+def test_dropped_maps_are_counted():
+    """An all-zero map has no distribution: the means leave it out, and the summary says how many were left out."""
+    maps = np.concatenate([_uniform_and_point(), np.zeros((3, 8, 8))])
+    summary = summarize_gradcam(maps)
+    assert summary["maps"] == 5 and summary["dropped"] == 3
+    assert summary["entropy"] == pytest.approx(0.5)  # the mean of the two maps with mass
+    nothing = summarize_gradcam(np.zeros((2, 8, 8)))
+    assert nothing["dropped"] == 2 and np.isnan(nothing["entropy"])
+
+
+def test_one_map_against_a_hand_computation():
+    """GradCAM by hand on a tiny conv net: A = the target layer's activations, g = d logit_c / d A; the map is
+    ReLU(sum over channels k of mean-over-space(g_k) * A_k). Checked for every class of one image."""
+    torch.manual_seed(3)
+    model = _TinyCNN().eval()
+    image = torch.rand(1, 3, 8, 8)
+    acts = {}
+    hook = model.features[-1].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    logits = model(image)[0]
+    hook.remove()
+    a = acts["a"][0]                                                        # (K, h, w)
+    mixed = 0
+    for c in range(10):
+        g = torch.autograd.grad(logits[c], acts["a"], retain_graph=True)[0][0]  # (K, h, w)
+        by_hand = torch.relu((g.mean(dim=(1, 2))[:, None, None] * a).sum(dim=0)).detach().numpy()
+        maps = gradcam_maps(model, model.features[-1], image, torch.tensor([c]))
+        np.testing.assert_allclose(maps[0], by_hand, rtol=1e-5, atol=1e-7)
+        mixed += bool(by_hand.max() > 0 and (by_hand == 0).any())
+    assert mixed  # some map has cells the ReLU cut and cells it kept
 
 
 def test_common_grid_is_the_coarsest():
