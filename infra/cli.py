@@ -10,6 +10,7 @@ stage stopped and exits with status 130; the same command resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("train", help="pack the caches into FFCV and train the students"))
     _common(sub.add_parser("analyze", help="evaluate every model and write the report (Ray)"))
     _common(sub.add_parser("run", help="cache, train and analyze in order"))
+    p = sub.add_parser("compare", help="the same models in two finished runs: each measure's difference over "
+                                       "the seeds and its Welch 95%% interval")
+    p.add_argument("runs", nargs=2, metavar="OUT", help="two finished runs' --out directories (A, then B)")
+    p.add_argument("--models", nargs="*", help="models to compare (default: every model in both reports)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     p = sub.add_parser("verify", help="check a cache store (or every store under --out): completeness, "
                                       "shapes, NaN/Inf, per-shard checksums")
     p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
@@ -124,6 +130,13 @@ def _dry_run(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from analysis.compare import compare, load_metrics, render
+    rows = compare(*(load_metrics(r) for r in args.runs), models=args.models)
+    print(json.dumps(rows) if args.json else render(rows, *args.runs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -134,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         if args.command == "cache" and args.dry_run:
             return _dry_run(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "bench":
             from infra.bench.run import main as bench_main
             return bench_main(args)
