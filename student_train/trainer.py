@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,22 @@ class _Step(nn.Module):
         return total, terms, logits, feats[self.kd_layer]
 
 
+@dataclass
+class _Training:
+    """What every epoch of one student's training works with."""
+    model: nn.Module                # step_module, or its DDP wrapper under torchrun
+    step_module: _Step
+    loader: StudentLoader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    live: LastBlockTargets | None   # the ViT teacher's live last block (student_kd_vit only)
+    plan: dict                      # check_cache's: the teacher and the packed field the objective reads
+    cfg: Config
+    device: str
+    rank: int
+    kind: str                       # the student, e.g. student_kd_vit
+
+
 def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict, device: str = "cpu",
                   log=print, on_epoch=None) -> dict:
     """Train (or resume) one student into out_dir; returns the final metrics line.
@@ -196,7 +213,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
 
     fields = [plan["field"]] if plan.get("field") else []
     loader = StudentLoader(beton, meta, fields, t.batch_size // world, t.loader_workers, cfg.seed,
-                           t.loader_timeout_s, distributed=world > 1, views=t.views)
+                           t.loader_timeout_s, distributed=world > 1)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise CacheMismatch(f"train.batch_size {t.batch_size} exceeds the {meta['images']} cached images")
@@ -220,12 +237,13 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
         metrics_path.write_text("".join(k + "\n" for k in kept))
 
     clean = load_split(cfg.data, "clean")
+    run = _Training(model, step_module, loader, opt, sched, live, plan, cfg, device, rank, kind)
     last = {}
     for epoch in range(start_epoch, t.epochs):
         # every RNG the epoch draws from (CPU and CUDA: the PCA swap) restarts from (seed, rank, epoch), so the
         # checkpoint's epoch number restores them all on resume, and each rank draws its own swap masks
         torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
-        last = _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, device, rank, kind)
+        last = _run_epoch(run, epoch)
         last["test_clean_accuracy"] = _evaluate(student, clean, device, cfg.analysis.eval_batch_size)
         if rank == 0:
             with metrics_path.open("a") as f:
@@ -244,7 +262,11 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
     return last
 
 
-def _run_epoch(model, step_module, loader, opt, sched, live, plan, epoch, cfg, device, rank, kind) -> dict:
+def _run_epoch(run: _Training, epoch: int) -> dict:
+    """Train one epoch; returns its metrics line (loss by term, train accuracy, lr, gradient shares, img/s)."""
+    model, step_module, loader, opt, sched, live, plan = (run.model, run.step_module, run.loader, run.opt,
+                                                           run.sched, run.live, run.plan)
+    cfg, device, rank, kind = run.cfg, run.device, run.rank, run.kind
     t = cfg.train
     student = step_module.student
     step_module.train()

@@ -32,7 +32,7 @@ from teacher_cache.layout import Layout, planned_ranks
 from teacher_cache.paths import storage_root, store_path, teacher_file, teacher_loads
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import sample_views
-from teacher_cache.worker import CacheWorker
+from teacher_cache.worker import CacheWorker, WorkerSetup
 from teacher_cache.writers import wait_for_other_writers
 
 ROLES = ("teacher_vit", "teacher_cnn")
@@ -218,8 +218,8 @@ def _run_units(cfg: Config, role: str, out: Path, path: Path | str, todo: list[i
     actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                            resources=dict(cfg.cache.actor_resources) or None)(CacheWorker)
     mark = storage.leave_mark(storage_root(out, cfg))
-    actors = [actor_cls.remote(cfg.to_dict(), role, str(out), str(path), *refs, "cuda" if gpus else "cpu", threads,
-                               mark) for _ in range(n_workers)]
+    setup = WorkerSetup(cfg.to_dict(), role, str(out), str(path), "cuda" if gpus else "cpu", threads, mark)
+    actors = [actor_cls.remote(setup, *refs) for _ in range(n_workers)]
     try:
         nodes = sorted(set(ray.get([a.where.remote() for a in actors])))
         began = time.time()

@@ -8,6 +8,8 @@ only once its bytes are fsynced.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -25,16 +27,28 @@ from teacher_cache.writers import SharedSlots, WriterPool, writer_count
 FLOAT16_MAX = 65504.0
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a cache actor is told besides the shared image arrays: which store it fills and where it runs."""
+    cfg: dict                           # the config, Config.to_dict()
+    role: str                           # teacher_vit | teacher_cnn
+    out: str                            # the output directory, OUT
+    path: str                           # the teacher's store
+    device: str                         # cpu | cuda
+    threads: int                        # torch threads, shared with the writer processes
+    mark: tuple[str, str] | None = None  # the driver's mark under the storage location (storage.leave_mark)
+
+
 class CacheWorker:
     """Computes units of one teacher's store and hands them to its writer processes."""
 
-    def __init__(self, cfg_dict: dict, role: str, out: str, path: str, images, labels, views, device: str,
-                 threads: int, mark: tuple[str, str] | None = None):
+    def __init__(self, setup: WorkerSetup, images, labels, views):
+        role, out, path, device, threads = setup.role, setup.out, setup.path, setup.device, setup.threads
         torch.set_num_threads(threads)
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg = config_from_dict(setup.cfg)
         self.node = storage.node_name()
         # before anything else: can this node write, read and delete under the location? (names the node if not)
-        storage.probe(storage_root(out, self.cfg), self.node, mark)  # mark: the driver's, proves it is shared
+        storage.probe(storage_root(out, self.cfg), self.node, setup.mark)  # mark: the driver's, proves it is shared
         self.device = device
         self.teacher = load_fitted(self.cfg, role, storage_root(out, self.cfg), device)
         if device == "cuda":

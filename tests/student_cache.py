@@ -54,10 +54,10 @@ class RecordStart:
     def __init__(self, original):
         self.original, self.initial = original, None
 
-    def __call__(self, model, step_module, *args, **kwargs):
+    def __call__(self, run, epoch):
         if self.initial is None:
-            self.initial = {k: v.detach().clone() for k, v in step_module.state_dict().items()}
-        return self.original(model, step_module, *args, **kwargs)
+            self.initial = {k: v.detach().clone() for k, v in run.step_module.state_dict().items()}
+        return self.original(run, epoch)
 
 
 def metrics(path: Path) -> list[dict]:

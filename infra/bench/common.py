@@ -251,10 +251,10 @@ class Context:
     def worker(self, role: str):
         """The real CacheWorker (in this process: no Ray), on the profile's device."""
         if role not in self._workers:
-            from teacher_cache.worker import CacheWorker
+            from teacher_cache.worker import CacheWorker, WorkerSetup
             store, d = self.store(role), self.data()
-            self._workers[role] = CacheWorker(self.cfg.to_dict(), role, str(self.out), str(store.path),
-                                              d["images"], d["labels"], d["views"], self.p.device, self.threads)
+            setup = WorkerSetup(self.cfg.to_dict(), role, str(self.out), str(store.path), self.p.device, self.threads)
+            self._workers[role] = CacheWorker(setup, d["images"], d["labels"], d["views"])
         return self._workers[role]
 
     def filled_store(self, role: str):
