@@ -213,7 +213,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
 
     fields = [plan["field"]] if plan.get("field") else []
     loader = StudentLoader(beton, meta, fields, t.batch_size // world, t.loader_workers, cfg.seed,
-                           t.loader_timeout_s, distributed=world > 1)
+                           t.loader_timeout_s, distributed=world > 1, views=t.views)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise CacheMismatch(f"train.batch_size {t.batch_size} exceeds the {meta['images']} cached images")
