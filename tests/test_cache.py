@@ -24,6 +24,9 @@ from cache_helpers import assert_same_arrays, corrupt_middle, file_states, shard
 
 # ---------------------------------------------------------------- end-to-end: one tiny cache run
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or a cluster (more than a few seconds on 2 cores)
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, ray_session):
     """An uninterrupted `run_cache` of the small config: (cfg, out, summary, snapshot per role)."""

@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from teacher_cache.job import ROLES, run_cache, store_path
 from teacher_cache.store import CacheStore
 from cache_helpers import SMALL, assert_same_arrays, snapshot
 from test_cache import base_run  # noqa: F401 (a fixture)
 from test_cache_writers import _ours_in_shm
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or a cluster (more than a few seconds on 2 cores)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ from teacher_cache import job
 from conftest import TINY
 
 
+@pytest.mark.slow
 def test_probe_runs_on_the_actor_nodes_and_names_a_node_that_cannot_see_the_location(ray_session, tmp_path,
                                                                                        monkeypatch):
     cfg = load_config(None, TINY)
@@ -22,6 +23,7 @@ def test_probe_runs_on_the_actor_nodes_and_names_a_node_that_cannot_see_the_loca
         job.probe_actor_nodes(cfg, tmp_path, gpus=0)
 
 
+@pytest.mark.slow
 def test_a_node_that_cannot_write_fails_before_any_teacher_is_fitted(ray_session, tmp_path, monkeypatch):
     fitted = []
 

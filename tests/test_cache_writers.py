@@ -78,6 +78,7 @@ def test_writer_error_reaches_the_caller(tmp_path):
         pool.close()
 
 
+@pytest.mark.slow
 def test_a_shard_that_cannot_be_written_is_one_line_naming_the_fix(tmp_path, ray_session):
     """A file the writer cannot write (a full disk, or here a file where a folder should be) is a StoreError
     in the writer process, with the unit left pending; out of a Ray actor it is still that one line."""

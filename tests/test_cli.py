@@ -10,6 +10,7 @@ from conftest import TINY
 MODELS = ["teacher_vit", "teacher_cnn", "student_kd_vit", "student_kd_cnn", "student_independent"]
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tiny_run):
     out = tiny_run
     for d in (out, out / "cache", out / "train", out / "report"):
@@ -39,6 +40,7 @@ def test_run_writes_every_output(tiny_run):
     assert "Table 1" in report and (out / "report" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage(tiny_run, capsys):
     before = (out_report := tiny_run / "report" / "metrics.json").stat().st_mtime_ns
     assert main(["run", "--out", str(tiny_run), *TINY]) == 0
@@ -47,11 +49,13 @@ def test_rerun_reuses_every_stage(tiny_run, capsys):
     assert out_report.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_verify_the_finished_stores(tiny_run, capsys):
     assert main(["verify", "--out", str(tiny_run)]) == 0
     assert capsys.readouterr().out.count(": ok") == 2
 
 
+@pytest.mark.slow
 def test_another_config_is_refused_and_nothing_is_touched(tiny_run, capsys):
     snapshot = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
     assert main(["run", "--out", str(tiny_run), *TINY, "train.epochs=3"]) == 2
@@ -88,6 +92,7 @@ def test_stages_out_of_order_explain_what_to_run(tmp_path, capsys):
     assert "hakd cache" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_damaged_model_file_is_refused_before_analysis(tiny_run, tmp_path, capsys):
     import shutil
     out = tmp_path / "copy"
@@ -108,6 +113,7 @@ def test_every_subcommand_has_help(capsys):
         assert "usage" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resolved_config_round_trips(tiny_run):
     from infra.config import config_from_dict
     saved = yaml.safe_load((tiny_run / "config.yaml").read_text())

@@ -30,6 +30,7 @@ def _log_of(line: str) -> str:
         return f.read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raised, status", [(pipeline.StageInputs("OUT/teachers/teacher_vit.pt is missing: run `hakd cache`"), 2),
                                             (ValueError("boom\nsecond line"), 1)])
 def test_an_error_raised_in_a_ray_task_is_the_task_own_line(ray_session, tmp_path, monkeypatch, capsys, raised,

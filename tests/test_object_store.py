@@ -36,6 +36,7 @@ def use_s3(monkeypatch, env: dict) -> None:
     fsspec.filesystem("s3").clear_instance_cache()  # s3fs caches clients built with other credentials
 
 
+@pytest.mark.slow
 def test_missing_bucket_is_one_line_naming_the_node(s3_env, tmp_path, monkeypatch, capsys, ray_session):
     from infra.cli import main
     use_s3(monkeypatch, s3_env)
@@ -45,6 +46,7 @@ def test_missing_bucket_is_one_line_naming_the_node(s3_env, tmp_path, monkeypatc
     assert "bucket does not exist" in err and "node " in err and "s3://no-such-bucket/x" in err
 
 
+@pytest.mark.slow
 def test_actor_node_that_cannot_reach_the_location_is_named(s3_env, tmp_path, monkeypatch, capsys, ray_session):
     """The session's Ray was started without the credentials: the driver reaches the bucket, its actors do not."""
     from infra.cli import main
@@ -86,6 +88,7 @@ def test_a_path_that_is_not_shared_is_named(tmp_path):
     assert not list(node.iterdir())  # its probe object was removed
 
 
+@pytest.mark.slow
 def test_units_written_to_the_bucket_are_the_local_stores_bytes(s3_env, monkeypatch, tmp_path):
     """A unit's shard files go to an object store as one PUT each: the same bytes and checksums as on a local
     disk, verified and read back by zarr from the bucket."""

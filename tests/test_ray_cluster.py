@@ -10,10 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import pytest
 from pathlib import Path
 
 from conftest import TINY
 from tests.test_object_store import BUCKET, s3_env, use_s3  # noqa: F401  (s3_env: the moto server fixture)
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or a cluster (more than a few seconds on 2 cores)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,9 @@ import pytest
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or a cluster (more than a few seconds on 2 cores)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.1", "::1")
 

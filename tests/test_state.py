@@ -39,6 +39,7 @@ def truncate(path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 def test_missing_trial_and_truncated_packed_file_are_redone(run_copy, capsys):
     beton, meta_path = run_copy / "train" / "data.beton", run_copy / "train" / "data.json"
     lost, *kept = trial_dirs(run_copy)
@@ -53,6 +54,7 @@ def test_missing_trial_and_truncated_packed_file_are_redone(run_copy, capsys):
     assert {d: (d / "model.pt").stat().st_mtime_ns for d in kept} == before  # the whole trials were reused
 
 
+@pytest.mark.slow
 def test_damaged_teacher_file_is_refit_and_its_store_kept(run_copy, capsys):
     pt = run_copy / "teachers" / "teacher_cnn.pt"
     store = {p: s for p, s in files(run_copy / "cache").items()  # the shards; the metadata may be rewritten
@@ -65,6 +67,7 @@ def test_damaged_teacher_file_is_refit_and_its_store_kept(run_copy, capsys):
     assert all(after[p] == s for p, s in store.items())  # the deterministic refit matches the store: no shard rewritten
 
 
+@pytest.mark.slow
 def test_refused_train_changes_nothing_and_the_original_config_still_runs(run_copy, capsys):
     before = files(run_copy)
     assert main(["train", "--out", str(run_copy), "--overwrite", *TINY, "data.seed=1"]) == 2
@@ -82,6 +85,7 @@ def test_train_into_an_empty_directory_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unreadable_packed_file_is_one_line_and_leaves_no_empty_trial(run_copy, capsys):
     beton, meta_path = run_copy / "train" / "data.beton", run_copy / "train" / "data.json"
     lost = trial_dirs(run_copy)[0]
@@ -97,6 +101,7 @@ def test_unreadable_packed_file_is_one_line_and_leaves_no_empty_trial(run_copy, 
     assert not lost.exists() and (not lost.parent.exists() or any(lost.parent.iterdir()))
 
 
+@pytest.mark.slow
 def test_only_analysis_changed_keeps_teachers_stores_and_trials(run_copy, capsys):
     keep = {p: s for p, s in files(run_copy).items() if p.parent.name != "report" and p.name not in ("run.json", "config.yaml")}
     for stage in ("cache", "train"):
@@ -106,6 +111,7 @@ def test_only_analysis_changed_keeps_teachers_stores_and_trials(run_copy, capsys
     assert all(after.get(p) == s for p, s in keep.items())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_refused_without_overwrite(run_copy, capsys):
     (run_copy / "run.json").unlink()  # no record of OUT's config: the checkpoints themselves must say
     (run_copy / "train" / "run.json").unlink()
@@ -116,6 +122,7 @@ def test_checkpoint_of_another_config_is_refused_without_overwrite(run_copy, cap
     assert files(run_copy) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_is_one_line_exit_130_and_checkpoints_stay_whole(run_copy, tmp_path):
     for d in (run_copy / "train").glob("student_*"):
         shutil.rmtree(d)  # so that the first checkpoint seen is one the interrupted run wrote

@@ -27,7 +27,7 @@ from teacher_cache.store import CacheStore
 
 ROOT = Path(__file__).resolve().parents[1]
 # numba's dispatcher finalizer raises a KeyError when FFCV's compiled pipelines are garbage collected
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 class PairBatchNorm2d(nn.BatchNorm2d):

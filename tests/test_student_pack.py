@@ -23,7 +23,7 @@ from student_train.students import Student
 from teacher_cache.store import CacheStore, StoreError
 
 # numba's dispatcher finalizer raises a KeyError when FFCV's compiled pipelines are garbage collected
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 def read_all_rows(beton: Path, meta: dict) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from student_train.students import Student
 from student_train.trainer import CacheMismatch, check_cache, train_student
 
 # numba's dispatcher finalizer raises a KeyError when FFCV's compiled pipelines are garbage collected
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 PROJECTOR = {"student_kd_vit": ("objective.pca.", "objective.gl."), "student_kd_cnn": ("objective.hint.",),
              "student_independent": (), "student_logit_kd": ()}

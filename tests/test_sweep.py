@@ -102,6 +102,7 @@ def test_bad_sweeps_are_refused(override, message):
         load_config(None, [*TINY, override])
 
 
+@pytest.mark.slow
 def test_sweep_reuses_cache_packed_file_and_finished_trials(tiny_run, tmp_path, capsys):
     """A second seed trains one trial from the same stores and packed file; a re-run trains nothing."""
     out = tmp_path / "sweep"

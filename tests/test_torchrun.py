@@ -50,6 +50,7 @@ def metrics(d: Path) -> list[dict]:
     return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_dies_cleanly_resumes_and_matches_one_process(tiny_run, tmp_path, monkeypatch):
     from conftest import TINY
@@ -114,6 +115,7 @@ def test_torchrun_dies_cleanly_resumes_and_matches_one_process(tiny_run, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_failure_on_rank0_reaches_the_waiting_rank(tmp_path):
     """Rank 0 fails while the others wait for its packing: it raises its own error, they raise one naming rank 0."""
     script = tmp_path / "rank0_fails.py"
