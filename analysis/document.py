@@ -56,8 +56,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:62em;margin:2em auto;pa
         "padding:.25em .6em;text-align:left}th{background:#f3f3f3}td.n{text-align:right;"
         "font-variant-numeric:tabular-nums}figure{margin:1em 0}img{max-width:100%}"
         "figcaption{font-size:.85em;color:#555}")
-# a number, or a mean ± std [lo, hi] over seeds
-_NUMERIC = re.compile(r"^[−+-]?\d+(\.\d+)?%?( ± \d+(\.\d+)? \[[−+-]?\d+(\.\d+)?, [−+-]?\d+(\.\d+)?\])?$")
+# a number, or a mean ± std over seeds, with its [lo, hi] from 3 seeds on
+_NUMERIC = re.compile(r"^[−+-]?\d+(\.\d+)?%?( ± \d+(\.\d+)?( \[[−+-]?\d+(\.\d+)?, [−+-]?\d+(\.\d+)?\])?)?$")
 _NUM_CLASS = ' class="n"'  # numbers are right-aligned
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from analysis import plots
 from analysis.document import Heading, Image, Para, Table
-from analysis.findings import spread_note, stat
+from analysis.findings import spread_note
+from analysis.verdicts import stat
 from analysis.plots import order_models, style
 from analysis.quantities import FRACTION, PERCENT, fmt_stat
 from analysis.stats import MODEL_SECTIONS

@@ -1,32 +1,32 @@
 """The experiment report: metrics.json, report.md, a self-contained report.html and PNG plots.
 
-`write_report` turns the metrics dict of one run into a document: warnings, the paper's premise as
-measured on the teachers, Table 1 (accuracy per test variant, laid out like the paper's, with the
-paper's published numbers for the real data sets), the findings, then one section per measure with
-its definition, plot and table, and a sweep section when the config swept a training setting.
-Students are measured once per seed: tables show mean ± standard deviation [95% t-interval] over the
-seeds, plots the means (analysis/stats.py). Any section, or any model within one, may be missing;
-the report then says "not measured". The document is built once as a list of blocks and rendered
-twice, to Markdown (plots as files beside it) and to HTML (plots embedded).
+`write_report` turns the metrics dict of one run into a document, built from PARTS in order: warnings,
+the claim's verdicts (a table), Table 1 (accuracy per test variant, laid out like the paper's, with the
+paper's published numbers for the real data sets), the paper's premise measured on the teachers' heads
+and features, the exploratory findings (a table), a sweep section when the config swept a training
+setting, one section per measure (definition, plot, table), and the run's details. Students are
+measured once per seed: tables show mean ± standard deviation [95% t-interval] over the seeds, plots the
+means (analysis/stats.py); every comparison and its Holm correction is made in analysis/verdicts.py.
+Any section, or any model within one, may be missing; the report then says "not measured". The
+document is built once as a list of blocks and rendered twice, to Markdown (plots as files beside
+it) and to HTML (plots embedded).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from analysis import plots
-from analysis.document import Heading, Image, Para, Table, to_html, to_markdown
-from analysis.findings import (INDEPENDENT, KD, LOGIT_KD, claim, findings, most_accurate, premise, spread_note, stat,
+from analysis.document import Heading, Para, Table, to_html, to_markdown
+from analysis.findings import (findings_table, premise_blocks, premise_record, spread_note, verdict_blocks,
                                warnings)
 from analysis.grid import points, sweep_section
 from analysis.plots import order_models, style
-from analysis.quantities import FRACTION, PERCENT, Scale, eps_text, fmt, fmt_stat, jsonable
-
-DEFAULT_PAIRS = {KD: "teacher_vit", "student_kd_cnn": "teacher_cnn"}
+from analysis.quantities import PERCENT, fmt, fmt_stat, jsonable
+from analysis.sections import DEFAULT_PAIRS, SECTIONS, measure_sections, models_in, variants
+from analysis.verdicts import CORRECTION, INDEPENDENT, KD, LOGIT_KD, Comparison, claim, comparisons, stat
 # Table 1's "Distillation" column for students without a feature-distillation teacher
 UNPAIRED = {INDEPENDENT: "none (CE only)", LOGIT_KD: "ViT → ResNet (logits)"}
-GRADCAM_MEASURES = ["entropy", "mass50", "mass90", "energy_inside", "rank_corr_teacher"]
 # The paper's Table 1 (Aftab et al.), top-1 %, one number per model on its treated test set
 PUBLISHED = {
     "cifar10": {"teacher_vit": 91.68, KD: 78.17, "teacher_cnn": 79.91, "student_kd_cnn": 79.78},
@@ -35,16 +35,6 @@ PUBLISHED = {
 }
 PUBLISHED_SET = {"cifar10": "CIFAR-10 unchanged (control)", "stl10": "STL-10 with occlusions added",
                  "fashionmnist": "FashionMNIST with texture changes"}
-VARIANT_TEXT = {
-    "clean": "*clean*, the test images as they are",
-    "occluded": "*occluded*, the same images with part of them covered by mean-grey patches",
-    "texture": "*texture*, the objects filled or backed with other textures",
-}
-
-
-def _variants(metrics: dict) -> list[str]:
-    listed = metrics.get("meta", {}).get("variants")
-    return list(listed) if listed else list(dict.fromkeys(v for a in metrics.get("accuracy", {}).values() for v in a))
 
 
 def _family(teacher: str) -> str:
@@ -62,12 +52,12 @@ def _table1(metrics: dict, heading: str) -> list:
     blocks = [Heading(2, heading)]
     if not accuracy:
         return blocks + [Para("Accuracy was not measured.")]
-    variants, arch = _variants(metrics), meta.get("teachers", {})
+    measured, arch = variants(metrics), meta.get("teachers", {})
     published = PUBLISHED.get(meta.get("dataset"))
     models = order_models([*meta.get("models", []), *accuracy])
 
     def cells(m: str) -> list[str]:
-        row = [fmt_stat(stat(metrics, m, f"accuracy.{v}"), PERCENT, table=True) for v in variants]
+        row = [fmt_stat(stat(metrics, m, f"accuracy.{v}"), PERCENT, table=True) for v in measured]
         return row + ([f"{published[m]:.2f}" if m in published else "—"] if published else [])
     students_of: dict[str, list[str]] = {m: [] for m in models if m.startswith("teacher")}
     for student, teacher in (meta.get("pairs") or DEFAULT_PAIRS).items():
@@ -82,7 +72,7 @@ def _table1(metrics: dict, heading: str) -> list:
     for m in models:
         if m not in placed:
             rows.append([UNPAIRED.get(m, "—"), "Student" if m.startswith("student") else "—", style(m).display, *cells(m)])
-    header = ["Distillation", "Role", "Model", *variants] + (["paper (published)"] if published else [])
+    header = ["Distillation", "Role", "Model", *measured] + (["paper (published)"] if published else [])
     notes = ["— : not measured. Students are ResNets; the teacher's architecture is in parentheses. "
              + spread_note(metrics)]
     if published:
@@ -91,259 +81,127 @@ def _table1(metrics: dict, heading: str) -> list:
     return blocks + [Table(header, rows), *map(Para, notes)]
 
 
-# ---- one section per measure: definition, plot, table ----
+# ---- the report's parts, in order ----
 
-def _curve_table(metrics: dict, section: dict, x_key: str, measure: Callable[[float], str],
-                 x_label: Callable[[float], str], y_key: str = "accuracy") -> Table:
-    """Rows: models; columns: every x measured by any model; cells: mean ± spread (%) or a dash."""
-    xs = sorted({float(x) for c in section.values() for x in c[x_key]})
-    rows = []
-    for m in order_models(section):
-        measured = {float(x) for x in section[m][x_key]}
-        rows.append([style(m).display, *(fmt_stat(stat(metrics, m, measure(x)), PERCENT, table=True)
-                                         if x in measured else "—" for x in xs)])
-    return Table(["Model", *map(x_label, xs)], rows)
+class Context(NamedTuple):
+    """What the parts share: the grid points' views of the metrics, each view's comparisons, the premise."""
+    views: list[tuple[str, dict]]       # [(grid label, metrics of that point)]; [("", metrics)] without a sweep
+    rows: dict[str, list[Comparison]]   # grid label -> analysis/verdicts.py comparisons
+    premise: dict
+    gradcam_grid: dict | None
 
 
-def _mean_curve_table(section: dict, x_key: str, y_key: str, x_label: Callable[[float], str]) -> Table:
-    """Rows: models; columns: every x; cells: the mean over seeds (%)."""
-    xs = sorted({float(x) for c in section.values() for x in c[x_key]})
-    rows = []
-    for m in order_models(section):
-        by_x = {float(x): y for x, y in zip(section[m][x_key], section[m][y_key])}
-        rows.append([style(m).display, *(fmt(by_x.get(x), PERCENT) for x in xs)])
-    return Table(["Model", *map(x_label, xs)], rows)
+def _at(label: str) -> str:
+    return f" at {label}" if label else ""
 
 
-def _accuracy_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    path = plots.plot_accuracy(metrics["accuracy"], _variants(metrics), out / "accuracy.png")
-    return [Image(path, "Top-1 accuracy per test variant (mean over seeds)"), Para("The numbers are in Table 1.")], \
-        {"plot_accuracy": path}
+def _warnings_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    meta = metrics.get("meta", {})
+    return [*(Para(w) for w in warnings(metrics)),
+            Para(f"Dataset: {meta.get('dataset', 'unknown')} · commit: {meta.get('commit', 'unknown')} · "
+                 f"created: {meta.get('created', 'unknown')}")], {}
 
 
-def _fourier_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    fourier = metrics["fourier"]
-    path = plots.plot_fourier(fourier, out / "fourier.png")
-    rows = [[style(m).display, fmt(fourier[m].get("clean"), PERCENT),
-             *(fmt_stat(stat(metrics, m, f"fourier.{k}"), FRACTION, table=True)
-               for k in ("low_frequency_reliance", "high_frequency_reliance"))] for m in order_models(fourier)]
-    blocks = [Image(path, "Accuracy on low-pass and high-pass filtered images (mean over seeds)"),
-              Table(["Model", "clean accuracy", "low-frequency reliance", "high-frequency reliance"], rows)]
-    for key, kind in (("low", "low-pass"), ("high", "high-pass")):
-        blocks += [Para(f"Accuracy on {kind} filtered images, by radius (mean over seeds):"),
-                   _mean_curve_table(fourier, "radius", key, lambda r: f"r={r:.2f}")]
-    return blocks, {"plot_fourier": path}
-
-
-def _cka_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    blocks, paths = [], {}
-    initial = metrics.get("cka_initial") or {}
-    students = [m for m in order_models(initial) if m not in ("layer", "teacher_layer")]
-    if students:
-        blocks += [Para(f"Initial layers: student {initial.get('layer', '?')} vs ViT teacher "
-                        f"{initial.get('teacher_layer', '?')}."),
-                   Table(["Model", "linear CKA"], [[style(m).display, fmt_stat(stat(metrics, m, "cka_initial"), table=True)
-                                                    if stat(metrics, m, "cka_initial") else fmt(initial[m])]
-                                                   for m in students])]
-    teacher = (metrics.get("meta", {}).get("pairs") or DEFAULT_PAIRS).get(KD, "teacher_vit")
-    cka = metrics.get("cka") or {}
-    for m in order_models(cka):
-        entry = cka[m]
-        path = paths[f"plot_cka_{m}"] = plots.plot_cka(entry, m, teacher, out / f"cka_{plots.file_stem(m)}.png")
-        blocks += [Heading(3, style(m).display),
-                   Image(path, f"Linear CKA, {style(m).display} vs {style(teacher).display} (mean over seeds)"),
-                   Table(["student \\ teacher layer", *entry["teacher_layers"]],
-                         [[layer, *map(fmt, row)] for layer, row in zip(entry["student_layers"], entry["matrix"])])]
-    return blocks, paths
-
-
-def _gradcam_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    gradcam = metrics["gradcam"]
-    path = plots.plot_gradcam_measures(gradcam, GRADCAM_MEASURES, out / "gradcam_measures.png")
-    table = Table(["Model", *GRADCAM_MEASURES],
-                  [[style(m).display, *(fmt_stat(stat(metrics, m, f"gradcam.{k}"), table=True) for k in GRADCAM_MEASURES)]
-                   for m in order_models(gradcam)])
-    return [Para(_resampling(metrics)), Image(path, "GradCAM measures, means over images and seeds"), table], \
-        {"plot_gradcam": path}
-
-
-def _resampling(metrics: dict) -> str:
-    """How maps of different resolutions were brought to one grid, as the analysis recorded it."""
-    grid = metrics.get("meta", {}).get("gradcam_common_grid")
-    if not grid:
-        return "The grid on which the GradCAM maps were compared was not recorded."
-    native = "; ".join(f"{style(m).display} {'×'.join(map(str, hw))}" for m, hw in (grid.get("native") or {}).items())
-    return (f"Maps are compared on one common {'×'.join(map(str, grid.get('size', [])))} grid: "
-            f"{grid.get('resampling', 'resampling not recorded')}" + (f". Native map sizes: {native}." if native else "."))
-
-
-def _occlusion_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    occlusion = metrics["occlusion"]
-    path = plots.plot_occlusion(occlusion, out / "occlusion.png")
-    return [Image(path, "Accuracy against the occluded fraction of the image (mean over seeds)"),
-            _curve_table(metrics, occlusion, "fraction", lambda f: f"occlusion@{f:g}", lambda f: f"{f:.0%} occluded")], \
-        {"plot_occlusion": path}
-
-
-def _adversarial_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    adversarial = metrics["adversarial"]
-    path = plots.plot_adversarial(adversarial, out / "adversarial.png")
-    n = metrics.get("meta", {}).get("adversarial_images")
-    subset = (f"Measured on a subset: the first {n} clean test images (analysis.adversarial_samples), not the "
-              f"whole test set." if n else "Measured on the first analysis.adversarial_samples clean test images.")
-    blocks = [Para(subset), Image(path, "Accuracy under FGSM and PGD against the L∞ budget ε (mean over seeds)")]
-    for attack in ("fgsm", "pgd"):
-        section = {m: a[attack] for m, a in adversarial.items() if attack in a}
-        if section:
-            blocks += [Para(f"{attack.upper()} accuracy, by ε:"),
-                       _curve_table(metrics, section, "eps", lambda e, a=attack: f"adversarial.{a}@{e:g}",
-                                    lambda e: f"ε={eps_text(e)}")]
+def _verdicts_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    blocks = []
+    for label, view in ctx.views:
+        blocks.append(Heading(2, f"Verdicts: the paper's claim{_at(label)}"))
+        if KD in (view.get("stats") or view.get("accuracy") or {}):
+            blocks += verdict_blocks(view, ctx.rows[label])
         else:
-            blocks.append(Para(f"{attack.upper()}: not measured."))
-    return blocks, {"plot_adversarial": path}
+            blocks.append(Para("The KD student was not measured: no verdict."))
+    return blocks, {}
 
 
-def _shape_bias_section(metrics: dict, out: Path) -> tuple[list, dict]:
-    shape = metrics["shape_bias"]
-    counts = ("shape_decisions", "texture_decisions", "n")
-    rows = [[style(m).display, fmt_stat(stat(metrics, m, "shape_bias"), table=True),
-             *(fmt(shape[m].get(k), Scale(1, 1, "", "")) for k in counts)] for m in order_models(shape)]
-    return [Table(["Model", "shape bias", "shape decisions", "texture decisions", "cue-conflict images"], rows),
-            Para("Decision counts are means over seeds.")], {}
+def _table1_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    return [b for label, view in ctx.views for b in _table1(view, f"Table 1: top-1 accuracy (%) per test variant"
+                                                                   f"{_at(label)}")], {}
 
 
-DEFINITIONS = {
-    "Fourier analysis": (
-        "Accuracy (%) on images filtered in the Fourier domain (Wang et al. 2020). A low-pass filter keeps "
-        "the spatial frequencies of radius ≤ r, a high-pass filter those above r; r is a fraction of the "
-        "Nyquist frequency (0 keeps only the image mean, 1 is the circle touching Nyquist on each axis). "
-        "Low-frequency reliance = ∫₀¹ min(low(r) / clean, 1) dr, where clean is the accuracy on unfiltered "
-        "images: 1 means the model keeps its clean accuracy on blurred images, near 0 that it needs fine "
-        "detail. High-frequency reliance is the same integral of high(r). Both lie in [0, 1]; a model at "
-        "chance still scores chance / clean, so compare models on the same task."),
-    "CKA with the ViT teacher": (
-        "Linear centred kernel alignment (Kornblith et al. 2019) between the activations of a student layer "
-        "and of a ViT-teacher layer on the same images, a debiased (unbiased HSIC) minibatch estimate. "
-        "Unitless: 1 means the two representations are identical up to rotation and isotropic scale, 0 that "
-        "they share no linear structure; the debiased estimate can dip slightly below 0. The first table is "
-        "the paper's initial-layer comparison."),
-    "GradCAM attention": (
-        "GradCAM maps (ReLU of the gradient-weighted activations of the model's last stage), raw rather than "
-        "min-max scaled; each measure is a mean over images. *entropy*: entropy of the map "
-        "as a distribution divided by log(number of pixels), in [0, 1], 1 for a uniform map. *mass50* / "
-        "*mass90*: the smallest fraction of pixels holding 50% / 90% of the map's mass. For these three, "
-        "higher = more global attention. *energy_inside*: fraction of the mass on the object (higher = "
-        "better localised). *rank_corr_teacher*: Spearman correlation with the ViT teacher's map of the "
-        "same image, in [−1, 1]. The grid, when present, min-max scales each map for display only."),
-    "Occlusion": (
-        "Accuracy (%) when a fraction of the image area, as random patches of a grid, is replaced by the "
-        "data set's mean colour (Naseer et al. 2021). A flatter curve means more robust to occlusion."),
-    "Adversarial robustness": (
-        "Accuracy (%) under L∞-bounded attacks: FGSM (one signed-gradient step) and PGD (several projected "
-        "steps from a random start). ε is the largest change allowed per pixel and channel, for images in "
-        "[0, 1] (8/255 ≈ 0.031); ε = 0 is the clean accuracy."),
-    "Shape bias": (
-        "On cue-conflict images, whose shape names one class and whose texture another (Geirhos et al. "
-        "2019), shape bias = shape decisions / (shape + texture decisions), in [0, 1]; predictions matching "
-        "neither cue are left out. 1 means the model always follows the shape, 0 always the texture."),
-}
-# (title, metrics keys any of which enables the section, builder returning its blocks and plot paths)
-SECTIONS = [
-    ("Accuracy", ["accuracy"], _accuracy_section),
-    ("Fourier analysis", ["fourier"], _fourier_section),
-    ("CKA with the ViT teacher", ["cka", "cka_initial"], _cka_section),
-    ("GradCAM attention", ["gradcam"], _gradcam_section),
-    ("Occlusion", ["occlusion"], _occlusion_section),
-    ("Adversarial robustness", ["adversarial"], _adversarial_section),
-    ("Shape bias", ["shape_bias"], _shape_bias_section),
-]
+def _premise_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    return [Heading(2, "Premise (measured on the teachers)"), *premise_blocks(metrics, ctx.premise),
+            *_probe_note(metrics)], {}
 
 
-def _definition(name: str, metrics: dict) -> str:
-    if name != "Accuracy":
-        return DEFINITIONS[name]
-    variants = [VARIANT_TEXT.get(v, f"*{v}*") for v in _variants(metrics)]
-    return (f"Top-1 accuracy (%) on one test set per variant: {'; '.join(variants) or 'none measured'}. "
-            f"Higher is better; chance is 100% / number of classes.")
+def _probe_note(metrics: dict) -> list:
+    probe = metrics.get("probe") or {}
+    if not probe:
+        return [Para("The probe on the teachers' features was not measured.")]
+    parts = [f"{style(t).display}: layer {p['layer']}, {p['pooling']}, {p['train_samples']:,} training views, "
+             f"L2 strength {p['l2']:g} (held-out accuracy {fmt(p['holdout_accuracy'], PERCENT)})"
+             for t, p in probe.items()]
+    return [Para("Probe: multinomial logistic regression (L-BFGS, full batch) on the standardised pooled features of "
+                 "every cached view of the training split, its L2 strength chosen on a held-out fifth of the training "
+                 "images; test images go through the fitted teacher to the same layer. " + "; ".join(parts) + ".")]
 
 
-def _models_in(metrics: dict, keys: list[str]) -> set[str]:
-    """The models with an entry in any of these sections (cka_initial also names its layers)."""
-    return {m for k in keys for m in (metrics.get(k) or {})} - {"layer", "teacher_layer"}
+def _findings_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    blocks = []
+    for label, view in ctx.views:
+        blocks += [Heading(2, f"Findings (exploratory){_at(label)}"), *findings_table(view, ctx.rows[label])]
+        missing = [title for title, keys, _ in SECTIONS if not models_in(view, keys)]
+        if missing:
+            blocks.append(Para("Not measured: " + ", ".join(missing) + "."))
+    return blocks, {}
 
 
-def _not_measured_for(metrics: dict, keys: list[str]) -> Para | None:
-    """Names the models of the run (meta.models) that a section lacks; the teacher is not expected in CKA."""
-    present = _models_in(metrics, keys)
-    expected = [m for m in metrics.get("meta", {}).get("models", []) if not ("cka" in keys and m.startswith("teacher"))]
-    missing = [style(m).display for m in order_models(expected) if m not in present]
-    return Para("Not measured for: " + ", ".join(missing) + ".") if missing else None
+def _sweep_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    return sweep_section(metrics, out) if len(ctx.views) > 1 else ([], {})
 
 
-def _findings_blocks(metrics: dict, heading: str) -> list:
-    sentences = [claim(metrics) if KD in (metrics.get("stats") or metrics.get("accuracy") or {}) else None,
-                 *(most_accurate(metrics, v) for v in _variants(metrics)), *findings(metrics)]
-    missing = [title for title, keys, _ in SECTIONS if not _models_in(metrics, keys)]
-    if missing:
-        sentences.append("Not measured: " + ", ".join(missing) + ".")
-    blocks = [Heading(2, heading), Para("A difference is supported only when the 95% interval of the difference of "
-                                        "the two models' means (Welch, over seeds) excludes 0. " + spread_note(metrics))]
-    return blocks + [Para(s) for s in sentences if s]
+def _measures_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    return measure_sections(metrics, out, ctx.gradcam_grid)
 
 
-def _meta_blocks(meta: dict) -> list:
+def _details_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
+    meta = metrics.get("meta", {})
     rows = [["teacher " + t, a] for t, a in meta.get("teachers", {}).items()]
     rows += [["config digest", str(meta["config_digest"])]] if "config_digest" in meta else []
+    rows += [["multiple comparisons", CORRECTION]]
     rows += [[f"time: {stage}", f"{float(s):.1f} s"] for stage, s in meta.get("seconds", {}).items() if s is not None]
-    return [Heading(2, "Run details"), Table(["Item", "Value"], rows)] if rows else []
+    return [Heading(2, "Run details"), Table(["Item", "Value"], rows)], {}
+
+
+# The report, part by part: (metrics, out_dir, Context) -> (blocks, {plot key: path}). A new part (e.g. the
+# cache's codec, the views) is one such function inserted here where it should appear.
+PARTS: list[Callable[[dict, Path, Context], tuple[list, dict]]] = [
+    _warnings_part, _verdicts_part, _table1_part, _premise_part, _findings_part, _sweep_part, _measures_part,
+    _details_part]
+
+
+def report_metrics(metrics: dict) -> tuple[dict, Context]:
+    """The metrics as metrics.json holds them (with `claim`, `premise` and meta.correction added) and the
+    Context the parts are built from; the caller's dict is not changed."""
+    views = points(metrics)
+    rows = {label: comparisons(view) for label, view in views}
+    claims = {label: claim(view, rows[label]) for label, view in views}
+    record = premise_record(metrics)
+    added = {"claim": claims[""] if len(views) == 1 and views[0][0] == "" else claims, "premise": record,
+             "meta": {**metrics.get("meta", {}), "correction": CORRECTION}}
+    return {**metrics, **added}, Context(views, rows, record, None)
 
 
 def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None) -> dict[str, Path]:
     """Write metrics.json, report.md, report.html and the PNG plots into out_dir.
 
     metrics: the run's metrics dict (sections "meta", "seeds", "stats", "accuracy", "cka", "cka_initial",
-    "fourier", "gradcam", "occlusion", "adversarial", "shape_bias"; any may be missing). gradcam_grid:
+    "fourier", "gradcam", "occlusion", "adversarial", "shape_bias", "probe"; any may be missing). gradcam_grid:
     optional {"images": uint8 (S, H, W, 3), "labels": int (S,), "class_names": [str], "maps": {model: (S, h, w)}}
     for a figure of maps over images. Returns {"markdown", "html", "metrics", "plot_*": path}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    full, ctx = report_metrics(metrics)
+    ctx = ctx._replace(gradcam_grid=gradcam_grid)
     paths = {"metrics": out_dir / "metrics.json"}
-    paths["metrics"].write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    paths["metrics"].write_text(json.dumps(jsonable(full), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
-    meta = metrics.get("meta", {})
-    title = f"hakd report: {meta.get('dataset', 'unknown dataset')}"
-    blocks = [Heading(1, title), *(Para(w) for w in warnings(metrics)),
-              Para(f"Dataset: {meta.get('dataset', 'unknown')} · commit: {meta.get('commit', 'unknown')} · "
-                   f"created: {meta.get('created', 'unknown')}"),
-              Heading(2, "Premise (measured on the teachers)"), *(Para(p) for p in premise(metrics))]
-    views = points(metrics)
-    for label, view in views:
-        at = f" at {label}" if label else ""
-        blocks += _table1(view, f"Table 1: top-1 accuracy (%) per test variant{at}")
-        blocks += _findings_blocks(view, f"Findings{at}")
-    if len(views) > 1:
-        section, plot_paths = sweep_section(metrics, out_dir)
-        blocks += section
+    title = f"hakd report: {full['meta'].get('dataset', 'unknown dataset')}"
+    blocks = [Heading(1, title)]
+    for part in PARTS:
+        part_blocks, plot_paths = part(full, out_dir, ctx)
+        blocks += part_blocks
         paths.update(plot_paths)
-    for name, keys, build in SECTIONS:
-        blocks += [Heading(2, name), Para(_definition(name, metrics))]
-        if _models_in(metrics, keys):
-            section_blocks, plot_paths = build(metrics, out_dir)
-            blocks += section_blocks
-            paths.update(plot_paths)
-            if note := _not_measured_for(metrics, keys):
-                blocks.append(note)
-        elif name == "Shape bias" and meta.get("shape_bias_note"):
-            note = meta["shape_bias_note"]
-            blocks.append(Para(note[0].upper() + note[1:] + "."))
-        else:
-            blocks.append(Para("Not measured."))
-        if name == "GradCAM attention" and gradcam_grid is not None:
-            path = paths["plot_gradcam_grid"] = plots.plot_gradcam_grid(gradcam_grid, out_dir / "gradcam_grid.png")
-            blocks.append(Image(path, "GradCAM maps (min-max scaled per map for display; the first seed's students) "
-                                      "over test images"))
-    blocks += _meta_blocks(meta)
 
     paths["markdown"] = out_dir / "report.md"
     paths["markdown"].write_text(to_markdown(blocks), encoding="utf-8")

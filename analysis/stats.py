@@ -71,6 +71,7 @@ class Difference(NamedTuple):
     ci95: tuple[float, float] | None     # Welch 95% interval of the difference, clipped to what a difference can be
     p: float | None                      # Welch t-test two-sided p-value (uncorrected); None when not tested
     status: str                          # "tested", "too few runs" (fewer than MIN_RUNS a side), "no spread"
+    se: float | None = None              # standard error of the difference (what it is rounded to)
 
     @property
     def separated(self) -> bool:
@@ -98,7 +99,7 @@ def difference(a: list, b: list, measure: str | None = None) -> Difference | Non
     half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
     p = float(scipy_stats.ttest_ind(x, y, equal_var=False).pvalue)
     lo, hi = bounds(measure or "")
-    return Difference(diff, tuple(_clip((diff - half, diff + half), lo - hi, hi - lo)), p, "tested")
+    return Difference(diff, tuple(_clip((diff - half, diff + half), lo - hi, hi - lo)), p, "tested", se)
 
 
 def holm(pvalues: list[float | None]) -> list[float | None]:
