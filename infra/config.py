@@ -153,15 +153,17 @@ class Config:
     def digest(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none): what decides whether a stage is reusable.
 
-        Paths count in the form they were given (a run is recognised from any directory). data.skip_unreadable
-        does not count: a run that skipped nothing has the data it would have without it, and one that skipped
-        files has another data fingerprint, which its stores record."""
+        Paths count in the form they were given (a run is recognised from any directory); ray.* counts as its
+        defaults (where the work runs changes no result: a run made on this machine is analysed on a cluster).
+        data.skip_unreadable does not count: a run that skipped nothing has the data it would have without it,
+        and one that skipped files has another data fingerprint, which its stores record."""
         d = self.to_dict()
         for key, (given, resolved) in d.pop("given_paths").items():
             section, name = key.split(".")
             if d[section][name] == resolved:
                 d[section][name] = given
         del d["data"]["skip_unreadable"]
+        d["ray"] = plain(dataclasses.asdict(RayConfig()))
         if d["train"]["views"] == 0:  # all views, as every run made before the key existed
             del d["train"]["views"]
         part = {k: d[k] for k in sections} if sections else d
