@@ -141,6 +141,16 @@ def target_plan(kind: str, meta: dict) -> dict:
     return plan
 
 
+def teacher_sizes(kind: str, meta: dict, plan: dict, live: LastBlockTargets | None) -> dict:
+    """The teacher's sizes `kind`'s KDObjective is built with: the ViT's teacher_dim (D), num_heads and grid
+    ((gh, gw) tokens) from its live block, the CNN's teacher_channels (C); {} for the other kinds."""
+    if kind == "student_kd_vit":
+        return {"teacher_dim": meta["fields"][plan["field"]]["shape"][-1], "num_heads": live.heads, "grid": live.grid}
+    if kind == "student_kd_cnn":
+        return {"teacher_channels": meta["fields"][plan["field"]]["shape"][0]}
+    return {}
+
+
 class _Step(nn.Module):
     """Student + objective as one module, so DDP reduces the projectors' gradients too."""
 
@@ -193,10 +203,7 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
               **{arg: getattr(t, key) for key, arg in OBJECTIVE_KEYS[kind].items()})
     if kind == "student_kd_vit":
         live = LastBlockTargets.from_pack(Path(beton).parent, meta, t.amp).to(device)
-        dim = meta["fields"][plan["field"]]["shape"][-1]
-        kw.update(teacher_dim=dim, num_heads=live.heads, grid=live.grid)
-    elif kind == "student_kd_cnn":
-        kw.update(teacher_channels=meta["fields"][plan["field"]]["shape"][0])
+    kw.update(teacher_sizes(kind, meta, plan, live))
     step_module = _Step(student, KDObjective(**kw), kd_layer).to(device)
     on_gpu = device.startswith("cuda")
     if on_gpu and t.channels_last:
