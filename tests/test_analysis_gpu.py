@@ -39,6 +39,7 @@ def test_bf16_only_on_gpu_and_only_where_the_measure_allows():
     assert evaluate.precision_for(off, "accuracy", cuda) is contextlib.nullcontext
 
 
+@pytest.mark.slow
 def test_bf16_autocast_path_runs_and_agrees(tmp_path):
     """The measures under bf16 autocast (here on the CPU, as a GPU would run them) give nearly the float32 numbers."""
     cfg = load_config(None, ["data.image_size=32", "analysis.cka_samples=16", "analysis.cka_batch_size=8",

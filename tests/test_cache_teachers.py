@@ -10,7 +10,7 @@ from teacher_cache.teachers import (TEACHERS, Teacher, WeightsMissing, find_weig
 REAL = {name for name, spec in TEACHERS.items() if not spec.demo}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.timeout(60)] if n in REAL else [])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.timeout(60), pytest.mark.slow] if n in REAL else [])
                                   for n in TEACHERS])
 def test_registry_builds_and_extracts(name):
     torch.manual_seed(0)

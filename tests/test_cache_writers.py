@@ -26,6 +26,7 @@ def fill(slots: SharedSlots, slot: int, arrays: dict[str, np.ndarray]) -> int:
     return len(arrays["labels"])
 
 
+@pytest.mark.slow
 def test_writer_processes_write_the_same_store(tmp_path):
     """Units written by writer processes from shared buffers = the same units written in this process."""
     _, want = make_store(tmp_path / "ref.zarr")
@@ -50,6 +51,7 @@ def test_writer_processes_write_the_same_store(tmp_path):
     assert slots.arenas == []  # closed
 
 
+@pytest.mark.slow
 def test_every_writer_process_runs_before_the_first_unit(tmp_path):
     """The pool starts all its processes when it is built (the executor would spawn one per busy submit, so
     the first units would wait for interpreters to start, and a benchmark's first timed run with them)."""
@@ -166,6 +168,7 @@ def _ours_in_shm() -> set[Path]:
     return {f for f in Path("/dev/shm").iterdir() if f.name.startswith(("psm_", "pym-"))}
 
 
+@pytest.mark.slow
 def test_killed_actor_leaves_no_writer_process_or_shared_memory(tmp_path):
     """kill -9 of the process that owns the writers (a Ray actor killed): its writer processes exit, and no
     shared buffer is left in /dev/shm (unlinked files from the start), so nothing keeps writing into the

@@ -104,6 +104,7 @@ def test_quantize_per_token(view_shape):
     assert ((y.float() - x.float()).abs() <= step * 0.5 + x.float().abs() * 2e-3 + 1e-6).all()
 
 
+@pytest.mark.slow
 def test_int8_features_through_pack_and_loader(tmp_path):
     """The bench's tiny cache (random-weight demo teachers, real CacheWorker) written twice, float16 and
     int8: the int8 file's features, dequantised by the loader, match the float16 store's (cosine)."""

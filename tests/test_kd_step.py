@@ -108,7 +108,7 @@ def test_bf16_relations_stay_within_the_stated_bound_of_float32():
 # --- the student's stages, and the compiled step -----------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet_demo", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet_demo", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_staged_forward_matches_the_net_and_its_hooks(arch):
     student = Student(arch, 10, 32).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -124,6 +124,7 @@ def test_staged_forward_matches_the_net_and_its_hooks(arch):
         student.forward_with(x, ("blocks.3",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pca_qkv", ["conv3x3", "dwsep"])  # dwsep: 1x1 convolutions after a depthwise one
 def test_compiled_kd_step_matches_eager(pca_qkv):
     """student + projectors + live block compiled in place as the trainer does (train.compile), each
@@ -178,7 +179,8 @@ def test_logit_kd_contributions_keep_the_hinton_mix():
 # --- the live last block ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("teacher", [name for name, spec in TEACHERS.items() if spec.kind == "vit"])
+@pytest.mark.parametrize("teacher", [pytest.param(name, marks=[] if spec.demo else pytest.mark.slow)
+                                     for name, spec in TEACHERS.items() if spec.kind == "vit"])
 def test_live_block_is_the_teachers_block(teacher):
     """LastBlockTargets runs the block once, its own QKV feeding the attention: its tokens are the timm
     block's output and its Q, K, V the block's own projections (float32, every registered ViT teacher)."""

@@ -254,6 +254,7 @@ def test_zero_spread_is_not_separated(tmp_path):
     assert json.loads(paths["metrics"].read_text())["claim"]["occlusion"]["verdict"] == "no spread: cannot judge"
 
 
+@pytest.mark.slow
 def test_single_runs_make_no_claim(tmp_path):
     metrics = _metrics()
     findings = _section(write_report(metrics, tmp_path)["markdown"].read_text(), "Findings")
@@ -299,6 +300,7 @@ def test_premise_on_head_and_features_and_warnings_first(tmp_path):
     assert record["holds_on_features"] == {"shape_bias": True, "low_frequency_reliance": False}
 
 
+@pytest.mark.slow
 def test_report_on_data_it_was_not_built_for(tmp_path):
     """An ImageFolder run: no texture variant, no shape bias, a subset for the attacks, GradCAM grid stated."""
     metrics = _metrics()
