@@ -14,6 +14,7 @@ from infra.config import Config, dump_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = ROOT / "infra" / "bench" / "source-stamp.json"  # written by `python -m infra.bench.stamp`
+NOT_A_CHECKOUT = "not a git checkout"
 PACKAGES = ("torch", "torchvision", "timm", "ffcv", "zarr", "numcodecs", "ray", "numpy", "grad-cam", "hakd")
 
 
@@ -28,6 +29,10 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """HEAD's sha ('-dirty' with uncommitted changes to tracked files); NOT_A_CHECKOUT where hakd's files are not
+    the root of a git work tree (installed as a package, or a copy): an enclosing repository is not hakd's."""
+    if not (ROOT / ".git").exists():
+        return NOT_A_CHECKOUT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5).stdout.strip()
@@ -66,7 +71,7 @@ def commit() -> str:
     named an older commit, dirty): `python -m infra.bench.stamp` in the checkout before the copy writes the
     stamp that travels with it."""
     answer = git_commit()
-    if answer != "unknown" and not answer.endswith("-dirty"):
+    if answer not in ("unknown", NOT_A_CHECKOUT) and not answer.endswith("-dirty"):
         return answer
     return stamped_commit() or answer
 
