@@ -110,7 +110,11 @@ def _verify(args) -> int:
         raise ConfigError(f"no stores given and none under {Path(args.out) / 'cache'}; run `hakd cache` first")
     bad = 0
     for p in paths:
-        problems = CacheStore.open(p).verify()
+        store = CacheStore.open(p)
+        problems = store.verify()
+        if store.attrs.get("fidelity"):  # the codec's measured error on the KD loss terms (student_train/fidelity.py)
+            from student_train.fidelity import summary_line
+            print(f"{p}: {summary_line(store.attrs['fidelity'])}")
         if problems:
             bad += 1
             print(f"{p}: {len(problems)} problem(s)")

@@ -123,6 +123,11 @@ def check_cache(cfg: Config, kind: str, meta: dict) -> dict:
         if ident["teacher"] != getattr(cfg, role).name:
             raise CacheMismatch(f"the cache of {role} is from teacher {ident['teacher']}, the config names "
                                 f"{getattr(cfg, role).name}; re-run `hakd cache`")
+        coded = ident.get("feature_codec", ident.get("feature_dtype"))
+        if coded != cfg.cache.feature_codec:
+            raise CacheMismatch(f"the cache of {role} holds features coded {coded}, cache.feature_codec is "
+                                f"{cfg.cache.feature_codec}; re-run `hakd cache` (and `hakd train`, which packs "
+                                f"again) with this config, or set cache.feature_codec={coded}")
     return target_plan(kind, meta)
 
 
@@ -141,13 +146,19 @@ def target_plan(kind: str, meta: dict) -> dict:
     return plan
 
 
+def _feature_shape(meta: dict, field: str) -> list[int]:
+    """The per-view shape a packed feature field decodes to (a coded field's own shape is its codes')."""
+    info = meta["fields"][field]
+    return info.get("feature_shape", info["shape"])
+
+
 def teacher_sizes(kind: str, meta: dict, plan: dict, live: LastBlockTargets | None) -> dict:
     """The teacher's sizes `kind`'s KDObjective is built with: the ViT's teacher_dim (D), num_heads and grid
     ((gh, gw) tokens) from its live block, the CNN's teacher_channels (C); {} for the other kinds."""
     if kind == "student_kd_vit":
-        return {"teacher_dim": meta["fields"][plan["field"]]["shape"][-1], "num_heads": live.heads, "grid": live.grid}
+        return {"teacher_dim": _feature_shape(meta, plan["field"])[-1], "num_heads": live.heads, "grid": live.grid}
     if kind == "student_kd_cnn":
-        return {"teacher_channels": meta["fields"][plan["field"]]["shape"][0]}
+        return {"teacher_channels": _feature_shape(meta, plan["field"])[0]}
     return {}
 
 
@@ -340,7 +351,7 @@ def prepare_batch(loader: StudentLoader, batch: dict, plan: dict, live: LastBloc
     x = apply_views(images, batch["view"].to(device, non_blocking=True), input_size)
     teacher = {}
     if plan.get("field"):
-        cached = loader.teacher_output(batch, plan["field"], device)  # int8 is dequantised on the device
+        cached = loader.teacher_output(batch, plan["field"], device)  # coded features are decoded on the device
         if kind == "student_kd_vit":
             teacher = live(cached)
         elif kind == "student_kd_cnn":

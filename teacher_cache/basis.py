@@ -63,7 +63,8 @@ def tokens(x: torch.Tensor, view_ndim: int) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def fit_basis(rows: np.ndarray, codec: FeatureCodec, seed: int, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def fit_basis(rows: np.ndarray, codec: FeatureCodec, seed: int,
+              rank: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mean (D,), components (r, D), info) fitted on token rows (M, D); `rank` forces r (a store's own).
 
     info: rank, the variance fraction the r directions keep on these rows, the rows and the seed."""

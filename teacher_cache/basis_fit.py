@@ -19,7 +19,7 @@ from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views
 
 FIT_VIEWS = 512       # image-views the basis is fitted on (tens of thousands of tokens per layer)
-HELDOUT_VIEWS = 128   # image-views the fidelity is measured on, none of them in the fit sample
+HELDOUT_VIEWS = 64    # image-views the fidelity is measured on, none of them in the fit sample
 
 
 def sample_pairs(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
