@@ -110,7 +110,7 @@ def _split(cfg_json: str, variant: str):
     n = len(s["labels"])
     return {"x": torch.from_numpy(s["images"]).permute(0, 3, 1, 2).float() / 255,
             "y": torch.from_numpy(s["labels"]), "tex": None if s["texture_labels"] is None else torch.from_numpy(s["texture_labels"]),
-            "masks": s["masks"], "images": s["images"], "n": n}
+            "masks": s["masks"], "images": s["images"], "n": n, "variant": variant}
 
 
 @torch.no_grad()
@@ -214,8 +214,9 @@ def run_measure(cfg: Config, out: Path, model, name: str, measure: str, d: dict,
     if measure == "occlusion":
         from analysis.robustness import occlusion_curve
         with precision():
-            return occlusion_curve(model, d["x"], d["y"], a.occlusion_fractions, grid=8, seed=cfg.seed,
-                                   batch_size=a.eval_batch_size)
+            curve = occlusion_curve(model, d["x"], d["y"], a.occlusion_fractions, grid=8, seed=cfg.seed,
+                                    batch_size=a.eval_batch_size)
+        return {**curve, "area": occlusion_area(curve)}
     if measure == "adversarial":
         from analysis.robustness import adversarial_curve
         x, y = d["x"][:a.adversarial_samples], d["y"][:a.adversarial_samples]
@@ -232,7 +233,22 @@ def run_measure(cfg: Config, out: Path, model, name: str, measure: str, d: dict,
                 "matrix": acc.result().tolist()}
     if measure == "gradcam":
         return _gradcam(cfg, out, model, name, d)
+    if measure == "probe":
+        from analysis.probe import probe_measures
+        variants = test_variants(cfg.data)
+        texture = (_split(json.dumps(cfg.to_dict(), sort_keys=True), "texture")
+                   if "texture" in variants and shape_bias_note(cfg.data.name)[0] else None)
+        return probe_measures(cfg, out, model, name, d, texture, precision)
     raise ValueError(f"unknown measure {measure!r}")
+
+
+def occlusion_area(curve: dict) -> float:
+    """The mean accuracy over an occlusion curve: its area (trapezoids) divided by the range of fractions."""
+    x, y = np.asarray(curve["fraction"], dtype=float), np.asarray(curve["accuracy"], dtype=float)
+    if len(x) < 2 or x.max() == x.min():
+        return float(y.mean())
+    order = np.argsort(x)
+    return float(np.trapezoid(y[order], x[order]) / (x.max() - x.min()))
 
 
 @lru_cache(maxsize=2)
@@ -258,22 +274,48 @@ def gradcam_grid_meta(cfg: Config) -> dict:
 
 
 def _gradcam(cfg: Config, out: Path, model, name: str, d: dict) -> dict:
+    """GradCAM measures on the first analysis.gradcam_eval_samples images of the split: on clean images for
+    the class each model predicts (the primary measure: where a model looks for its own decision); on the
+    cue-conflict variant for the true (shape) class (secondary). The ViT teacher's maps, for the same rule,
+    are the reference of rank_corr_teacher."""
     from analysis.gradcam import gradcam_maps, summarize_gradcam, to_grid
+    from analysis.robustness import model_device, predict
     a = cfg.analysis
     n = min(a.gradcam_eval_samples, d["n"])
     x, y = d["x"][:n], d["y"][:n]
+    predicted = d.get("variant", "clean") == "clean"
     layer, reshape = _gradcam_target(model, name)
     grid = tuple(gradcam_grid_meta(cfg)["size"])
-    maps = to_grid(gradcam_maps(model, layer, x, y, reshape), grid)
+    maps = to_grid(gradcam_maps(model, layer, x, predict(model, x) if predicted else y, reshape), grid)
     reference = None
     if name != "teacher_vit":
-        from analysis.robustness import model_device
         teacher = load_model(cfg, out, "teacher_vit").to(model_device(model))
         t_layer, t_reshape = _gradcam_target(teacher, "teacher_vit")
-        reference = to_grid(gradcam_maps(teacher, t_layer, x, y, t_reshape), grid)
+        reference = to_grid(gradcam_maps(teacher, t_layer, x, predict(teacher, x) if predicted else y, t_reshape), grid)
     masks = None if d["masks"] is None else to_grid(d["masks"][:n], grid)
     summary = summarize_gradcam(maps, masks=masks, reference=reference)
-    return {"summary": summary, "grid_maps": maps[:a.gradcam_samples].tolist()}
+    return {"summary": summary, "grid_maps": maps[:a.gradcam_samples].tolist() if predicted else None}
+
+
+def teacher_training(cfg: Config) -> dict[str, str]:
+    """What each teacher learnt from, in words (metrics meta.teacher_training): the premise's gap between them is
+    partly a training-data difference when these differ."""
+    from teacher_cache.fit import head_mode
+    from teacher_cache.teachers import get_spec
+    out = {}
+    for role in TEACHERS:
+        tc = getattr(cfg, role)
+        mode = head_mode(tc, cfg.data)
+        if mode == "pretrained":
+            out[role] = ("was pretrained on shape-only images (textures drawn independently of the class: the "
+                         "embedded weights); nothing was fitted on this run's training split")
+        elif mode == "trained":
+            start = "from random weights" if get_spec(tc.name).demo else "from its pretrained weights"
+            out[role] = f"was trained end to end on this run's training split ({cfg.data.name}), {start}"
+        else:
+            out[role] = (f"keeps its pretrained backbone; a linear head was fitted on this run's training split "
+                         f"({cfg.data.name})")
+    return out
 
 
 def plan_tasks(cfg: Config) -> list[tuple[str, str, str]]:
@@ -282,12 +324,15 @@ def plan_tasks(cfg: Config) -> list[tuple[str, str, str]]:
     for m in model_runs(cfg):
         tasks += [(m, "accuracy", v) for v in variants]
         tasks += [(m, "fourier", "clean"), (m, "occlusion", "clean"), (m, "adversarial", "clean")]
-        gradcam_variant = "texture" if "texture" in variants else "clean"
-        tasks.append((m, "gradcam", gradcam_variant))
+        tasks.append((m, "gradcam", "clean"))  # the primary measure: predicted class, clean images
+        if "texture" in variants:
+            tasks.append((m, "gradcam", "texture"))  # secondary: the shape's class on cue-conflict images
         if "texture" in variants and shape_bias_note(cfg.data.name)[0]:
             tasks.append((m, "shape_bias", "texture"))
         if m != "teacher_vit" and m not in TEACHERS:
             tasks.append((m, "cka", "clean"))
+        if m in TEACHERS:
+            tasks.append((m, "probe", "clean"))  # the premise on the cached features (analysis/probe.py)
     return tasks
 
 
@@ -319,18 +364,21 @@ def run_analysis(cfg: Config, out: Path, log=print) -> dict:
 
 def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
     metrics: dict = {"accuracy": {}, "fourier": {}, "occlusion": {}, "adversarial": {}, "gradcam": {},
-                     "shape_bias": {}, "cka": {}}
+                     "shape_bias": {}, "cka": {}, "probe": {}}
     grid_maps = {}
     for name, measure, variant, value in results:
         if measure == "accuracy":
             metrics["accuracy"].setdefault(name, {})[variant] = value
-        elif measure == "gradcam":
-            metrics["gradcam"][name] = value["summary"]
+        elif measure == "gradcam" and variant == "clean":
+            metrics["gradcam"].setdefault(name, {}).update(value["summary"])
             grid_maps[name] = np.array(value["grid_maps"], dtype=np.float32)
+        elif measure == "gradcam":
+            metrics["gradcam"].setdefault(name, {})["cue_conflict"] = value["summary"]
         else:
             metrics[measure][name] = value
-    if not metrics["shape_bias"]:
-        del metrics["shape_bias"]
+    for section in ("shape_bias", "probe"):
+        if not metrics[section]:
+            del metrics[section]
     initial = {"layer": STUDENT_LAYERS[0], "teacher_layer": "blocks.0"}
     for m, entry in metrics["cka"].items():
         initial[m] = entry["matrix"][0][0]
@@ -343,8 +391,7 @@ def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
     grid_maps = {model: grid_maps[run] for model, run in first_run.items() if run in grid_maps}  # the first seed's maps
     grid = None
     if grid_maps:
-        variant = "texture" if "texture" in test_variants(cfg.data) else "clean"
-        split = load_split(cfg.data, variant)
+        split = load_split(cfg.data, "clean")
         k = cfg.analysis.gradcam_samples
         grid = {"images": split["images"][:k], "labels": split["labels"][:k],
                 "class_names": class_names(cfg.data), "maps": grid_maps}
@@ -357,6 +404,9 @@ def merge(cfg: Config, results: list[tuple], seconds: float) -> dict:
                                  "student_logit_kd": "teacher_vit"},
                        "teachers": {"teacher_vit": cfg.teacher_vit.name, "teacher_cnn": cfg.teacher_cnn.name},
                        "shape_bias_note": shape_bias_note(cfg.data.name)[1],
+                       "test_images": len(load_split(cfg.data, "clean")["labels"]),
+                       "occlusion_fraction": cfg.data.occlusion_fraction,
+                       "teacher_training": teacher_training(cfg),
                        "gradcam_common_grid": gradcam_grid_meta(cfg),
                        "seconds": {"analysis": round(seconds, 1)}}
     return {"metrics": metrics, "gradcam_grid": grid}

@@ -103,3 +103,13 @@ def test_merge_runs_gives_means_and_per_seed_stats():
     assert kd["gradcam.dropped"]["values"] == [0, 1, 2] and kd["gradcam.cue_conflict.entropy"]["mean"] == pytest.approx(0.4)
     teacher = merged["stats"]["teacher_vit"]["accuracy.clean"]
     assert teacher["values"] == [0.9] and teacher["std"] is None and teacher["ci95"] is None
+
+
+def test_occlusion_area_is_the_mean_accuracy_over_the_curve():
+    from analysis.evaluate import occlusion_area
+    # trapezoids over [0, 0.9]: (0.9+0.8)/2*0.1 + (0.8+0.4)/2*0.2 + (0.4+0.1)/2*0.6 = 0.085 + 0.12 + 0.15 = 0.355
+    curve = {"fraction": [0.0, 0.1, 0.3, 0.9], "accuracy": [0.9, 0.8, 0.4, 0.1]}
+    assert occlusion_area(curve) == pytest.approx(0.355 / 0.9)
+    shuffled = {"fraction": [0.3, 0.0, 0.9, 0.1], "accuracy": [0.4, 0.9, 0.1, 0.8]}
+    assert occlusion_area(shuffled) == pytest.approx(0.355 / 0.9)
+    assert occlusion_area({"fraction": [0.4], "accuracy": [0.6]}) == pytest.approx(0.6)
