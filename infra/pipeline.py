@@ -1,12 +1,14 @@
 """The three stages over one output directory: reuse judged from the outputs themselves, provenance.
 
 OUT/
-  config.yaml, run.json          the resolved config, versions, commit (refuses another config)
+  config.yaml, run.json          the resolved config (paths absolute, given_paths: as given), versions, commit
+                                 (refuses another config)
   teachers/<role>.pt|json        fitted teachers           } stage "cache"
   cache/<teacher>.zarr           teacher feature stores    }
   train/data.beton|json          packed FFCV file          } stage "train"
   train/<student>/seed<k>[_<grid>]/  one Ray Tune trial: config, checkpoint, model.pt, metrics.jsonl (train/tune/: Tune's files)
   report/                        report.md|html, metrics.json, plots   stage "analyze"
+  logs/error-<stage>-<time>.log  a failed command's traceback (its one-line error names the file)
 
 Reuse. A stage is reused when its run.json records the digest of the config sections it depends on
 and its outputs are whole: the teachers' files load (tensors only) and the stores' unit tables are
