@@ -13,6 +13,7 @@ function cannot hide a circle. The layers, lowest first:
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,13 +63,14 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports."""
+@functools.cache
+def import_graph() -> dict[str, frozenset[str]]:
+    """Module -> the project modules it imports (read once per session)."""
     mods = project_modules()
     graph = {}
     for name, path in mods.items():
         imported = imported_names(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py")
-        graph[name] = {m for m in imported if m in mods and m != name and mods[m].name != "__init__.py"}
+        graph[name] = frozenset(m for m in imported if m in mods and m != name and mods[m].name != "__init__.py")
     return graph
 
 
