@@ -197,6 +197,12 @@ def _dirname(tune_trial) -> str:
     return f"{spec['student']}-" + Trial(spec["student"], spec["seed"], tuple(map(tuple, spec["grid"]))).label
 
 
+def _trial_name(tune_trial) -> str:
+    """The name (<student>/<label>) of the trial a Tune trial trains."""
+    spec = tune_trial.config["trial"]
+    return Trial(spec["student"], spec["seed"], tuple(map(tuple, spec["grid"]))).name
+
+
 def _resources(device: str, cfg: Config) -> dict[str, float]:
     """One GPU per trial on a GPU machine; otherwise train.trial_cpus CPUs (and as many torch threads)."""
     return {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": cfg.train.trial_cpus}
@@ -235,6 +241,7 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
     from ray import tune
 
     from infra.ray_cluster import ensure_ray, gpus_available
+    from student_train.progress import SweepProgress, tune_callback
 
     out = Path(out).resolve()
     trials = plan_trials(cfg)
@@ -261,6 +268,8 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
         log(f"train: {len(todo)} trial(s) to run, {len(reused)} finished trial(s) reused; Tune results in {experiment}")
+        progress = SweepProgress([t.name for t in todo], cfg.train.epochs, log)
+        callback = tune_callback(progress, _trial_name)  # made before a restore too, which takes it up
         if tune.Tuner.can_restore(experiment):
             log(f"train: resuming the interrupted sweep in {experiment}")
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
@@ -270,9 +279,12 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(trial_dirname_creator=_dirname, trial_name_creator=_dirname),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[callback],
                                           failure_config=tune.FailureConfig(max_failures=0)))
-        results = _fit_stopping_on_ctrl_c(tuner)
+        try:
+            results = _fit_stopping_on_ctrl_c(tuner)
+        finally:
+            progress.close()
         errors = [r for r in results if r.error is not None]
         if errors:
             last = [line for line in str(errors[0].error).splitlines() if line.strip()][-1:]  # the exception itself
@@ -293,6 +305,7 @@ def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=p
     config, summary and run info. Returns what `run_sweep` returns.
     """
     from student_train.distributed import is_main, on_rank0
+    from student_train.progress import SweepProgress
     from student_train.trainer import train_student
 
     out = Path(out).resolve()
@@ -302,16 +315,20 @@ def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=p
                       "listing the finished trials")
     todo = [t for t in trials if t.name not in reused]
     main = is_main()
+    # event lines only: the trainer's own epoch lines and batch bar (rank 0) show the running trial
+    progress = SweepProgress([t.name for t in todo], cfg.train.epochs, log, live=False) if main else None
     for trial in todo:
         tcfg = trial_config(cfg, trial)
         d = trial_dir(out, trial)
         if main:
             d.mkdir(parents=True, exist_ok=True)
             (d / "config.yaml").write_text(dump_config(tcfg))
+            progress.started(trial.name)
         final = train_student(tcfg, trial.student, d, Path(beton), meta, device=device,
                               log=log if main else (lambda *_: None))
         if main:
             write_summary(d, tcfg, trial, final)
+            progress.finished(trial.name, final)
     final = on_rank0(lambda: {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials},
                      "reading the trials' results")
     return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}
