@@ -105,15 +105,17 @@ def test_quantize_per_token(view_shape):
 
 
 @pytest.mark.slow
-def test_int8_features_through_pack_and_loader(tmp_path):
+@pytest.mark.parametrize("codec", ["int8", "pca:1.0:int8"])
+def test_int8_features_through_pack_and_loader(tmp_path, codec):
     """The bench's tiny cache (random-weight demo teachers, real CacheWorker) written twice, float16 and
-    int8: the int8 file's features, dequantised by the loader, match the float16 store's (cosine)."""
+    coded: the coded file's features, decoded by the loader, match the float16 store's (cosine). pca at full
+    rank keeps every direction: int8 codes in a rotated frame, as many bytes as int8."""
     from infra.bench.common import Context
     from infra.bench.profiles import PROFILES
     from student_train.loader import StudentLoader
     profile = PROFILES["tiny"]
     ref = Context(profile, tmp_path / "f16").filled_store("teacher_vit")
-    ctx = Context(dataclasses.replace(profile, feature_codec="int8", writers=3), tmp_path / "i8")
+    ctx = Context(dataclasses.replace(profile, feature_codec=codec, writers=3), tmp_path / "i8")
     store = ctx.filled_store("teacher_vit")
     (layer,) = store.layout.layers
     assert store.group[f"features/{layer}"].dtype == np.int8 and store.verify() == []
@@ -128,5 +130,5 @@ def test_int8_features_through_pack_and_loader(tmp_path):
     assert got.dtype == torch.float16 and got.shape == want.shape
     cos = torch.nn.functional.cosine_similarity(got.float(), want, dim=-1)
     assert cos.min() > 0.999, cos.min()
-    # the logits (float16 fields) are untouched by the int8 option
+    # the logits (float16 fields) are untouched by the codec
     np.testing.assert_array_equal(store.group["logits"][...], ref.group["logits"][...])
