@@ -93,6 +93,9 @@ def describe(e: BaseException, out: str | Path | None = None) -> tuple[str, int,
         return str(cause), 2, wrapped
     actor = _actor_failure(cause)
     if actor is not None:
+        m = re.match(r"[\w.]*Error: \[Errno (\d+)\] ([^:]+)(?:: '(.+)')?", actor)  # an OSError, as text
+        if m and int(m[1]) in DISK_ERRNOS:
+            return disk_message(OSError(int(m[1]), m[2], m[3]), out), 2, True
         return f"a Ray actor failed: {actor}", 1, True
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else '(no message)'}", 1, True

@@ -83,6 +83,16 @@ def test_other_disk_errors_name_the_path_and_the_fix(tmp_path, code, words):
     assert status == 2 and words in line and str(tmp_path / "report" / "metrics.json") in line
 
 
+def test_an_actor_that_died_of_a_full_disk_is_a_disk_error(tmp_path):
+    from ray.exceptions import RayActorError  # an actor keeps only the text of what killed it
+    died = RayActorError(error_msg=f"The actor died because of an error raised in its creation task\nTraceback ...\n"
+                                   f"OSError: [Errno 28] No space left on device: '{tmp_path}/cache/x.zarr/c/0'")
+    line, status, logged = failures.describe(died, tmp_path)
+    assert status == 2 and line.startswith(f"no space left writing {tmp_path}/cache/x.zarr/c/0 (the disk mounted at")
+    line, status, _ = failures.describe(RayActorError(error_msg="The actor died\nValueError: nope"), tmp_path)
+    assert (line, status) == ("a Ray actor failed: ValueError: nope", 1)
+
+
 def test_a_disk_error_without_a_file_name_names_out(tmp_path):
     line, status, _ = failures.describe(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "out")
     assert status == 2 and f"writing {tmp_path / 'out'} (the disk mounted at" in line
