@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/hakd bench all
+	$(BIN)/hakd bench --results infra/bench/results all && $(BIN)/python -m infra.bench.table infra/bench/results
 
 clean:
 	rm -rf $(VENV) runs

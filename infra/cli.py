@@ -50,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "shapes, NaN/Inf, per-shard checksums")
     p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
     p.add_argument("--out", default=DEFAULT_OUT)
-    p = sub.add_parser("bench", help="benchmarks; each prints one JSON line")
-    p.add_argument("what", help="cache, loader, train, analyze, all, gpu, or several, comma-separated (cache,train)")
-    _common(p)
+    from infra.bench.run import add_arguments
+    add_arguments(sub.add_parser("bench", help="benchmarks; each prints one JSON line and the results go to a file"))
     return parser
 
 

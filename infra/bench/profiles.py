@@ -1,5 +1,5 @@
 """Machine profiles of the benchmarks: what each measures on (models, sizes, repeats), and the `key=value`
-overrides of `hakd bench` / infra/bench/gpu.sh."""
+overrides of `hakd bench`."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,92 +22,80 @@ class Profile:
     shard_size: int = 128          # samples per shard = one cache work unit
     chunk_size: int = 32           # samples per chunk inside a shard
     cache_batch: int = 128         # teacher forward batch
-    train_batch: int = 64          # student batch (all four step kinds, and both loaders)
-    loader_workers: int = 2        # FFCV threads = torch DataLoader processes
+    train_batch: int = 64          # student batch (every step kind, and both loaders)
+    loader_workers: int = 2        # FFCV threads
     amp: bool = False              # bf16 autocast (GPU)
     channels_last: bool = False    # GPU
-    warmup: int = 1                # cache: warm-up units
     repeats: int = 3               # timed repeats behind every median
     train_warmup: int = 3          # train: untimed steps before the timed ones
     train_steps: int = 5           # train: steps per timed repeat
-    loader_warmup: int = 2         # loaders: untimed batches (FFCV JIT, worker start)
-    loader_batches: int = 6        # FFCV: batches per timed repeat
-    zarr_batches: int = 2          # torch/Zarr: batches per timed repeat (it is much slower)
-    analyze_tasks: int = 12        # analysis tasks per timed wall (demo models, always on CPU)
-    analyze_test_size: int = 300   # test images the analysis tasks read
-    analyze_repeats: int = 2
-    analyze_budget_s: int = 0      # analyze: seconds after which no further measure starts (0 = none); the rest are listed as skipped
-    threads: int = 0               # torch threads in this process (0 = every core); analysis tasks use 1
+    analyze_test_size: int = 300   # analyze: synthetic test images per measure
+    analyze_budget_s: int = 0      # analyze: no further measure starts after this many seconds (0 = none)
+    threads: int = 0               # torch threads in this process (0 = every core)
     store_dir: str = ""            # cache: folder for the bench stores ("" = the bench's temp dir; /dev/shm = RAM)
     codec: str = "lz4"             # cache: cache.codec of the bench stores
     codec_overrides: str = ""      # cache: cache.codec_overrides, comma-separated NAME=CODEC
     shuffle: str = "auto"          # cache: cache.shuffle (Blosc's byte order)
-    feature_dtype: str = "float16"  # cache: cache.feature_dtype
-    writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto, teacher_cache/writers.py)
+    feature_codec: str = "float16"  # cache: cache.feature_codec
+    writers: int = 0               # cache: cache.writers (writer processes per worker; 0 = auto)
     disk_probe_mb: int = 64        # cache: MB of the dd-like write that measures the store folder's disk
     cache_images: int = 0          # cache: images of the cache bench's own stores (0 = n_images; the images repeated)
     cache_repeats: int = 0         # cache: timed repeats of each of its four runs (0 = repeats)
-    breakdown_units: int = 4       # cache: units of the serial per-stage pass
-    calibration_images: int = 64   # teachers: generated images whose forwards set the random teachers' BatchNorm statistics
+    codec_units: int = 4           # codecs: units (shards) read per store
+    calibration_images: int = 64   # teachers: images whose forwards set the random teachers' BatchNorm statistics
+    stores: str = ""               # codecs: comma-separated store paths ("" = the bench's own two stores)
 
+
+ZERO_OK = ("threads", "writers", "cache_images", "cache_repeats", "analyze_budget_s")  # 0 = auto / none
 
 PROFILES = {
-    # 2 CPU cores: the demo models at 32 px, about 3 minutes for `hakd bench all`. One torch thread: the
-    # other core serves the pipeline (the cache's writer thread, the FFCV loader threads), as in
-    # `hakd cache` where each of 2 actors gets one; and on a shared, oversubscribed machine OpenMP
-    # barriers make 2 threads erratically slow.
+    # 2 CPU cores: the demo models at 32 px. One torch thread: the other core serves the pipeline (writer
+    # processes, FFCV threads), and on a shared machine OpenMP barriers make 2 threads erratically slow.
     "cpu": Profile("cpu", n_images=256, views=2, shard_size=64, chunk_size=16, train_batch=32, train_warmup=5,
                    train_steps=4, analyze_test_size=200, threads=1,
                    cache_images=1024),  # cache: 16 units per teacher (over 4, the marginal rate swung by 20%)
     # one H100/H200: the paper's models at 224 px in bf16, random weights
     "gpu": Profile("gpu", device="cuda", vit="vit_b16_clip", cnn="wrn101", student="resnet50", image_size=224,
                    n_images=2048, views=2, shard_size=256, chunk_size=16, cache_batch=256, train_batch=128,
-                   loader_workers=8, amp=True, channels_last=True, warmup=1, repeats=3, train_warmup=5,
-                   train_steps=8, loader_warmup=3, loader_batches=8, zarr_batches=2, analyze_tasks=12,
-                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256,  # analyze: 4 batches of 256 per measure
+                   loader_workers=8, amp=True, channels_last=True, train_warmup=5, train_steps=8,
+                   analyze_test_size=1024, disk_probe_mb=1024, calibration_images=256,
                    analyze_budget_s=45,  # an H200 measured 3 of ViT-B/16's measures in 50 s: keep what a short run gets
                    cache_images=8192, cache_repeats=2),  # cache: 32 units of 256 images x 2 views per teacher
-    # tests and `--tiny`: every code path in seconds
+    # tests (`profile=tiny`): every code path in seconds
     "tiny": Profile("tiny", n_images=32, views=2, shard_size=16, chunk_size=8, cache_batch=32, train_batch=8,
-                    loader_workers=1, warmup=1, repeats=1, train_warmup=1, train_steps=2, loader_warmup=1,
-                    loader_batches=2, zarr_batches=1, analyze_tasks=4, analyze_test_size=40, analyze_repeats=1,
-                    threads=1, disk_probe_mb=8, calibration_images=16),
+                    loader_workers=1, repeats=1, train_warmup=1, train_steps=2, analyze_test_size=40, threads=1,
+                    disk_probe_mb=8, calibration_images=16),
 }
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))  # the CPUs this process may use (Linux)
 
 
-def resolve_profile(name: str = "auto", device: str = "auto", overrides: list[str] = ()) -> Profile:
-    """The profile for this machine (or the named one), with `key=value` overrides of its fields."""
+def resolve_profile(overrides: list[str] = ()) -> Profile:
+    """The profile `profile=cpu|gpu|tiny` names (default: gpu where torch sees a GPU, else cpu) on `device=cpu|cuda`,
+    with the other `key=value` overrides of its fields."""
     import torch
     import yaml
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is visible to torch; use --device cpu")
-    if name == "auto":
-        name = "gpu" if device == "cuda" else "cpu"
+    picks = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("profile", "device")}
+    device = picks.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"bench: device={device}: choose cpu{' or cuda' if torch.cuda.is_available() else ''}")
+    name = picks.get("profile", "gpu" if device == "cuda" else "cpu")
     if name not in PROFILES:
         raise UserError(f"unknown bench profile {name!r}; choose one of {', '.join(PROFILES)}")
     p = dataclasses.replace(PROFILES[name], device=device)
     if device == "cpu":
         p = dataclasses.replace(p, amp=False, channels_last=False)
-    fields = {f.name: f for f in dataclasses.fields(Profile)}
-    for o in overrides:
+    fields = [f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "device")]
+    for o in (o for o in overrides if o.partition("=")[0] not in ("profile", "device")):
         key, sep, raw = o.partition("=")
-        if not sep or key not in fields or key in ("name", "device"):
-            raise UserError(f"bench override {o!r}: expected key=value with key one of "
-                            f"{', '.join(k for k in fields if k not in ('name', 'device'))} "
-                            f", or profile=cpu|gpu|tiny, device=cpu|cuda")
-        value, want = yaml.safe_load(raw), type(getattr(p, key))
+        if not sep or key not in fields:
+            raise UserError(f"bench override {o!r}: expected key=value with key one of {', '.join(fields)}, "
+                            f"or profile=cpu|gpu|tiny, device=cpu|cuda")
+        value, want = yaml.safe_load(raw) if raw else "", type(getattr(p, key))
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        zero_ok = key in ("threads", "writers", "cache_images", "cache_repeats", "analyze_budget_s")  # 0 = auto / none
-        if not ok or (want is int and value < (0 if zero_ok else 1)):
+        if not ok or (want is int and value < (0 if key in ZERO_OK else 1)):
             raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
         p = dataclasses.replace(p, **{key: value})
     if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
