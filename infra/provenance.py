@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -13,7 +14,6 @@ from infra import storage
 from infra.config import Config, dump_config
 
 ROOT = Path(__file__).resolve().parent.parent
-STAMP = ROOT / "infra" / "bench" / "source-stamp.json"  # written by `python -m infra.bench.stamp`
 NOT_A_CHECKOUT = "not a git checkout"
 PACKAGES = ("torch", "torchvision", "timm", "ffcv", "zarr", "numcodecs", "ray", "numpy", "grad-cam", "hakd")
 
@@ -43,37 +43,26 @@ def git_commit() -> str:
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
-def blob_hash(path: Path) -> str | None:
-    """git's blob id of the file's bytes (`git hash-object`), None for a missing file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def stamped_commit(stamp: Path = STAMP, root: Path = ROOT) -> str | None:
-    """The stamp's commit ('-dirty' when the stamped tree differed from it) if the tree still matches the stamp."""
-    try:
-        doc = json.loads(stamp.read_text())
-        files, sha = doc["files"], doc["commit"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if any(blob_hash(root / f) != h for f, h in files.items()):
-        return None
-    return sha + ("-dirty" if doc.get("dirty") else "")
-
-
 def commit() -> str:
-    """The commit of this tree. git's answer when it names a commit the files match (clean); otherwise that of a
-    source stamp that still matches every tracked file, else git's answer as it is. A tree copied to another
-    machine (a GPU machine, a cluster node) has no git state of its own, or another one (on the GPU machine git
-    named an older commit, dirty): `python -m infra.bench.stamp` in the checkout before the copy writes the
-    stamp that travels with it."""
+    """The commit of this tree: git's answer where it names a clean commit, else $HAKD_COMMIT where set, else git's
+    answer as it is. A tree copied to another machine (a GPU machine, a cluster node) has no git state of its
+    own, or another one; whoever copies it passes the commit it was made from as HAKD_COMMIT (e.g.
+    `git describe --always --dirty --abbrev=40` in the checkout). `source_digest` tells which files ran."""
     answer = git_commit()
     if answer not in ("unknown", NOT_A_CHECKOUT) and not answer.endswith("-dirty"):
         return answer
-    return stamped_commit() or answer
+    return os.environ.get("HAKD_COMMIT") or answer
+
+
+def source_digest() -> str:
+    """SHA-256 of hakd's own source (every .py and .yaml of its packages, by relative path): the same for the same
+    files on any machine, git or not, installed or checked out."""
+    h = hashlib.sha256()
+    for pkg in ("infra", "teacher_cache", "student_train", "analysis"):
+        for path in sorted((ROOT / pkg).rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def now() -> str:
