@@ -1,95 +1,92 @@
-"""The README's performance table, from every results file: `python -m infra.bench.table [DIR|FILE...]`.
+"""The benchmarks' latest clean results: `python -m infra.bench.table [DIR]` writes DIR/README.md.
 
-One row per figure of every benchmark in every `infra/bench/results/*.json` (written by
-`hakd bench all` and infra/bench/gpu.sh): device, date, commit, figure, value, target, met.
-Figures are the numeric results of each JSON line (for the cache bench, per teacher); the
-targets and the verdicts are the ones recorded in the file when it was measured.
+DIR (default: infra/bench/results, from the repository's root) holds `hakd bench --results DIR` files. Per machine
+and benchmark: the newest line measured on the cpu or gpu profile, not failed, at a known commit that is not dirty,
+on an idle machine (1-minute load average below its cores, where recorded), with every numeric figure and the
+target and verdict it was judged by.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_NOT_FIGURES = {"versions", "params", "targets", "met", "seconds", "load_avg_1m"}
+DEFAULT_DIR = Path("infra") / "bench" / "results"
+NOT_FIGURES = {"versions", "params", "targets", "met", "seconds", "load_avg_1m", "cores"}
 
 
 def figures(line: dict) -> list[tuple[str, float]]:
-    """(dotted name, value) of every numeric result in a benchmark line, in the line's order."""
+    """(dotted name, value) of every numeric result in a line, in its order; the cache line's top-level copies of
+    its first teacher's figures are left out (they are under teachers.<name>)."""
     out = []
     nested = {k for v in line.get("teachers", {}).values() for k in v}
 
     def walk(node: dict, prefix: str) -> None:
         for k, v in node.items():
-            if not prefix and (k in _NOT_FIGURES or (k in nested and "teachers" in line)):
+            if not prefix and (k in NOT_FIGURES or k in nested):
                 continue
-            name = f"{prefix}{k}"
             if isinstance(v, dict):
-                walk(v, name + ".")
+                walk(v, f"{prefix}{k}.")
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.append((name, v))
+                out.append((f"{prefix}{k}", v))
     walk(line, "")
     return out
 
 
-def _fmt(v: float) -> str:
-    if isinstance(v, float) and abs(v) >= 1e4:
-        return f"{v:.0f}"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def clean(line: dict, device: str) -> bool:
+    commit = str(line.get("commit") or "unknown")
+    m = re.match(r"cpu-(\d+)core", device)
+    cores = line.get("cores") or (int(m.group(1)) if m else None)
+    load = line.get("load_avg_1m")
+    return (commit != "unknown" and not commit.endswith("-dirty") and line.get("profile") in ("cpu", "gpu")
+            and "error" not in line and not isinstance(line.get("skipped"), str)
+            and (cores is None or load is None or load < cores))
 
 
-def rows(doc: dict) -> list[list[str]]:
-    device, date = doc.get("device", "?"), doc.get("date", "?")
-    if doc.get("profile") not in (None, "cpu", "gpu"):
-        device += f" ({doc['profile']})"
-    commit = str(doc.get("commit", "?"))
-    commit = commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
-    out = []
-    for bench, line in doc.get("benches", {}).items():
-        skipped = line.get("skipped")
-        if isinstance(skipped, str):  # the whole benchmark could not run
-            out.append([device, date, commit, bench, f"skipped: {skipped}", "", ""])
-            continue
-        if "error" in line:  # the benchmark failed (infra/bench/run.py records the error and runs the rest)
-            out.append([device, date, commit, bench, f"failed: {line['error']}", "", ""])
-            continue
-        targets, met = line.get("targets", {}), line.get("met", {})
-        for name, value in figures(line):
-            verdict = met.get(name)
-            out.append([device, date, commit, f"{bench}: {name}", _fmt(value), targets.get(name, ""),
-                        "" if verdict is None else ("yes" if verdict else "**no**")])
-        for name, why in (skipped or {}).items():  # single figures that could not be measured
-            out.append([device, date, commit, f"{bench}: {name}", f"skipped: {why}", targets.get(name, ""), ""])
-    return out
+def latest(paths: list[Path]) -> dict[tuple[str, str], tuple[dict, str]]:
+    """(device, bench) -> (the newest clean line, its file's name)."""
+    best: dict[tuple[str, str], tuple[dict, str]] = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for bench, line in doc.get("benches", {}).items():
+            line = {"profile": doc.get("profile"), "commit": doc.get("commit"), **line}
+            key, when = (doc["device"], bench), line.get("created", doc.get("date", ""))
+            if clean(line, doc["device"]) and (key not in best or when > best[key][0].get("created", "")):
+                best[key] = ({**line, "created": when}, Path(path).name)
+    return best
 
 
 def render(paths: list[Path]) -> str:
-    docs = []
-    for p in paths:
-        try:
-            docs.append(json.loads(Path(p).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"table: skipping {p}: {e}", file=sys.stderr)
-    docs.sort(key=lambda d: (str(d.get("device")), str(d.get("date"))))
-    head = ["device", "date", "commit", "figure", "value", "target", "met"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for d in docs:
-        lines += ["| " + " | ".join(r) + " |" for r in rows(d)]
-    return "\n".join(lines)
+    out = ["# Benchmark results: the latest clean ones", "",
+           "Generated by `python -m infra.bench.table` from the results files in this folder: per machine and "
+           "benchmark, the newest line measured at a clean commit on an idle machine (every file holds all its runs).",
+           ""]
+    for (device, bench), (line, name) in sorted(latest(paths).items()):
+        out += [f"## {device}: {bench}", "",
+                f"{line.get('device_name', device)}; {line['created'][:10]}, commit {line['commit'][:8]}, load "
+                f"{line.get('load_avg_1m', '?')}, profile {line['profile']}; `{name}`", "",
+                "| figure | value | target | met |", "| --- | --- | --- | --- |"]
+        targets, met = line.get("targets", {}), line.get("met", {})
+        for fig, value in figures(line):
+            verdict = {None: "", True: "yes", False: "**no**"}[met.get(fig)]
+            value = f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}" if isinstance(value, float) else value
+            out.append(f"| {fig} | {value} | {targets.get(fig, '')} | {verdict} |")
+        for fig, why in (line.get("skipped") or {}).items():
+            out.append(f"| {fig} | skipped: {why} | {targets.get(fig, '')} | |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    paths: list[Path] = []
-    for a in args or [str(RESULTS_DIR)]:
-        a = Path(a)
-        paths += sorted(a.glob("*.json")) if a.is_dir() else [a]
+    folder = Path(args[0] if args else DEFAULT_DIR)
+    paths = sorted(folder.glob("*.json"))
     if not paths:
-        print(f"no results files in {', '.join(args) or RESULTS_DIR}; run `hakd bench all` (or infra/bench/gpu.sh)",
-              file=sys.stderr)
+        print(f"table: no results files in {folder}; run `hakd bench all --results {folder}`", file=sys.stderr)
         return 1
-    print(render(paths))
+    (folder / "README.md").write_text(render(paths))
+    print(f"table: wrote {folder / 'README.md'} from {len(paths)} results files", file=sys.stderr)
     return 0
 
 
