@@ -1,121 +1,133 @@
-"""bench loader: samples/s of the FFCV StudentLoader against a torch DataLoader over the Zarr store.
+"""bench loader: samples/s of the FFCV StudentLoader from the page cache and from the disk, against what the
+student step consumes.
 
-Both produce what the trainer consumes (uint8 image, label, index, view, the cached ViT tokens of
-that view), with the same batch size, the same number of workers (FFCV threads, DataLoader
-processes) and the same per-epoch view order, and both hand each batch to the device. The torch
-side reads the store sample by sample, as a map-style Dataset does: every read decodes the chunk
-that holds the sample (chunk_size images x K views), which is the cost the packed file removes.
-`student_samples_s` is the rate at which the student consumes samples with resident teacher
-tensors (bench train): the loader is not the bottleneck while ffcv_samples_s exceeds it.
+Whole epochs of what the trainer consumes (image, label, index, view, the ViT's cached tokens), each batch handed
+to the device. `cold`: each epoch after the packed file's pages are dropped from the page cache (FFCV's map of the
+file released with madvise(MADV_DONTNEED): mapped pages are never dropped; then fsync and posix_fadvise(
+POSIX_FADV_DONTNEED), which needs no root for clean pages). `resident_before`: the largest fraction of the file's
+pages still cached before a cold epoch, by mincore(2) on a fresh map (which brings no page in); `valid` while under
+5% (a kernel that ignores the advice, as gVisor may, shows here). `warm`: the epoch after each, from memory
+(`ffcv_samples_s`, against `student_samples_s`, this machine's KD step with resident teacher tensors). MB/s count
+the rows read. `kd_step_needs_mb_s`: the rows' bytes per second the compiled KD step consumes on a GPU (this run's
+train bench there, else the newest GPU results file under --results); `cold_over_kd_step` divides by it.
 """
 from __future__ import annotations
 
-import sys
+import ctypes
+import json
+import mmap
+import os
+from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
 
-from infra.bench.common import Context, header, judge, log, median, sig, timed
-from student_train.loader import StudentLoader, view_order
+from infra.bench.common import Context, header, judge, log, sig, timed
+from infra.bench.train import resident_rate
+from student_train.loader import StudentLoader
 
 
-class ZarrRows(torch.utils.data.Dataset):
-    """Row image * K + view of the store, read on demand (each worker opens its own handles)."""
-
-    def __init__(self, path: str, layer: str, n: int, k: int):
-        self.path, self.layer, self.n, self.k = path, layer, n, k
-        self.arrays = None
-
-    def __len__(self) -> int:
-        return self.n * self.k
-
-    def __getitem__(self, row: int) -> dict:
-        if self.arrays is None:
-            import zarr
-            g = zarr.open_group(self.path, mode="r")
-            self.arrays = {name: g[name] for name in ("images", "labels", "views", f"features/{self.layer}")}
-        i, v = divmod(int(row), self.k)
-        a = self.arrays
-        return {"image": torch.from_numpy(a["images"][i]), "label": int(a["labels"][i]), "index": i,
-                "view": torch.from_numpy(a["views"][i, v]),
-                "feature": torch.from_numpy(a[f"features/{self.layer}"][i, v])}
+def resident(path: Path) -> float:
+    """Fraction of the file's pages in the page cache (mincore on a fresh read-only map)."""
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), size, pages)
+        del view
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), f"mincore on {path}")
+    return float(np.mean(np.frombuffer(pages, dtype=np.uint8) & 1))
 
 
-def _measure(batches, feature_key: str, p, per_repeat: int, ahead: int) -> float:
-    """Median samples/s over `repeats` consecutive runs of `per_repeat` batches.
+def drop_pages(path: Path, maps=()) -> float:
+    """Drop the file's pages from the page cache, first releasing `maps` (np.memmaps of it); the fraction still
+    resident."""
+    for m in maps:
+        m._mmap.madvise(mmap.MADV_DONTNEED)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are never dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident(path)
 
-    Untimed first: `loader_warmup` batches plus the `ahead` batches a loader can hold ready, so the
-    timed runs see its steady rate, not a queue filled while it was warming up.
-    """
-    dev = p.device
 
-    def take(count: int) -> None:
-        for _ in range(count):
-            b = next(batches)
+def epoch_rate(loader: StudentLoader, epoch: int, key: str, dev: str) -> float:
+    """Samples/s of one whole epoch, each batch handed to the device."""
+    loader.set_epoch(epoch)
+    seen = [0]
+
+    def one_epoch() -> None:
+        for b in loader:
             b["image"].to(dev, non_blocking=True)
-            b[feature_key].to(dev, non_blocking=True)
+            b[key].to(dev, non_blocking=True)
+            seen[0] += len(b["image"])
+    seconds = timed(one_epoch, dev)
+    return seen[0] / seconds
 
-    take(p.loader_warmup + ahead)  # FFCV: numba JIT and the first epoch's start; torch: worker start-up
-    return median([per_repeat * p.train_batch / timed(lambda: take(per_repeat), dev) for _ in range(p.repeats)])
 
-
-def ffcv_samples_s(ctx: Context) -> float:
-    from infra.bench.train import epochs_of
+def ffcv_rates(ctx: Context) -> tuple[dict, dict]:
+    """Cold and warm epochs of one StudentLoader; the packed file's row and size."""
     p = ctx.p
     beton, meta, field = ctx.packed()
+    row_bytes = meta["row_bytes"]
     loader = StudentLoader(beton, meta, [field], p.train_batch, p.loader_workers, seed=0,
                            timeout_s=ctx.cfg.train.loader_timeout_s)
-    batches = epochs_of(loader)
     try:
-        return _measure(batches, field, p, p.loader_batches, ahead=loader.loader.batches_ahead + 2)
+        epoch_rate(loader, 0, field, p.device)  # numba JIT, FFCV's first epoch
+        cold, warm, before = [], [], []
+        ffcv_map = getattr(loader.loader.memory_manager, "context", None)  # FFCV's np.memmap of the file
+        maps = [ffcv_map.mmap] if getattr(ffcv_map, "mmap", None) is not None else []
+        for r in range(p.repeats):
+            before.append(drop_pages(beton, maps))
+            cold.append(epoch_rate(loader, 1 + 2 * r, field, p.device))
+            warm.append(epoch_rate(loader, 2 + 2 * r, field, p.device))
     finally:
-        batches.close()
         torch.set_num_threads(ctx.threads)  # FFCV set it to its worker count
+    figures = {}
+    for name, runs in (("cold", cold), ("warm", warm)):
+        rate = median(runs)
+        figures[name] = {"samples_s": sig(rate), "mb_s": sig(rate * row_bytes / 1e6)}
+    figures["cold"].update(resident_before=sig(max(before)), valid=max(before) < 0.05)
+    log(f"loader: cold {figures['cold']}, warm {figures['warm']}")
+    return figures, {"row_kib": sig(row_bytes / 1024), "file_mb": sig(os.path.getsize(beton) / 1e6)}
 
 
-def torch_zarr_samples_s(ctx: Context) -> float:
-    p = ctx.p
-    store = ctx.filled_store("teacher_vit")
-    lay = store.layout
-    layer = next(iter(lay.layers))
-    needed = (p.loader_warmup + 3 * p.loader_workers + 1 + p.repeats * p.zarr_batches + 1) * p.train_batch
-    epochs = -(-needed // lay.n)
-    order = np.concatenate([view_order(lay.n, lay.views, 0, e) for e in range(epochs)]).astype(np.int64).tolist()
-    # fork is the default, but never fork a process that runs Ray (its threads do not survive a fork)
-    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    dl = torch.utils.data.DataLoader(ZarrRows(str(store.path), layer, lay.n, lay.views), batch_size=p.train_batch,
-                                     sampler=order, num_workers=p.loader_workers, drop_last=True,
-                                     multiprocessing_context="spawn" if ray_up else None)
-    it = iter(dl)
-    try:
-        return _measure(it, "feature", p, p.zarr_batches, ahead=(dl.prefetch_factor or 2) * p.loader_workers + 1)
-    finally:
-        del it
-
-
-def student_rate(ctx: Context) -> float:
-    if "student_samples_s" not in ctx.memo:  # `bench loader` alone: measure the resident KD step here
-        from infra.bench.train import resident_rate
-        ctx.memo["student_samples_s"] = resident_rate(ctx)
-    return ctx.memo["student_samples_s"]
+def kd_step_needs(ctx: Context, row_kib: float) -> tuple[float | None, str]:
+    """MB/s of rows the compiled KD step consumes on a GPU, and where the figure comes from."""
+    if "compiled_kd_samples_s" in ctx.memo:
+        return ctx.memo["compiled_kd_samples_s"] * row_kib * 1024 / 1e6, "this run's train bench"
+    docs = []
+    for f in Path(ctx.results or ".").glob("*.json"):
+        doc = json.loads(f.read_text())
+        if doc.get("profile") == "gpu":
+            docs.append((doc.get("created", doc["date"]), f.name, doc["benches"]))
+    rate = row = None
+    for _, name, benches in sorted(docs, reverse=True):  # the newest figure of each
+        t, loader = benches.get("train", {}), benches.get("loader", {})
+        step = t.get("compiled_offline_kd_step_s") or t.get("compiled_kd_step_s")
+        rate = rate or (step and (t["params"]["batch"] / step, name))
+        row = row or loader.get("params", {}).get("row_kib")
+    if not (rate and row):
+        return None, f"no GPU results file under {ctx.results} with a compiled KD step and a loader row size"
+    return rate[0] * row * 1024 / 1e6, rate[1]
 
 
 def run(ctx: Context) -> dict:
     p = ctx.p
-    ff = ffcv_samples_s(ctx)
-    log(f"loader: ffcv {ff:.0f} samples/s")
-    tz = torch_zarr_samples_s(ctx)
-    log(f"loader: torch over zarr {tz:.0f} samples/s")
-    st = student_rate(ctx)
-    store = ctx.filled_store("teacher_vit")
-    row = store.layout.bytes_per_sample()
-    layer = next(iter(store.layout.layers))
-    line = {**header("loader", p), "ffcv_samples_s": sig(ff), "torch_zarr_samples_s": sig(tz), "ratio": sig(ff / tz),
-            "student_samples_s": sig(st), "ffcv_over_student": sig(ff / st),
+    rates, packed = ffcv_rates(ctx)
+    if "student_samples_s" not in ctx.memo:  # `bench loader` alone: measure the resident KD step here
+        ctx.memo["student_samples_s"] = resident_rate(ctx)
+    ff, st = rates["warm"]["samples_s"], ctx.memo["student_samples_s"]
+    needs, source = kd_step_needs(ctx, packed["row_kib"])
+    line = {**header("loader", p), "ffcv_samples_s": ff, "student_samples_s": sig(st), "ffcv_over_student": sig(ff / st),
+            **rates, "kd_step_needs_mb_s": needs and sig(needs), "kd_step_from": source,
+            "cold_over_kd_step": needs and sig(rates["cold"]["mb_s"] / needs),
             "params": {"batch": p.train_batch, "workers": p.loader_workers, "images": p.n_images, "views": p.views,
-                       "image_size": p.image_size, "feature": f"teacher_vit features/{layer}",
-                       "row_kib": sig((row["images"] + row[f"features/{layer}"] / p.views) / 1024),
-                       "zarr_chunk": f"{p.chunk_size} images x {p.views} views",
-                       "repeats": p.repeats, "ffcv_batches_per_repeat": p.loader_batches,
-                       "zarr_batches_per_repeat": p.zarr_batches}}
-    return judge(line, {"ratio": ">= 3", "ffcv_over_student": ">= 1"})
+                       "image_size": p.image_size, "epochs": p.repeats, **packed}}
+    return judge(line, {"ffcv_over_student": ">= 1"})
