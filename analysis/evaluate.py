@@ -307,8 +307,8 @@ def teacher_training(cfg: Config) -> dict[str, str]:
         tc = getattr(cfg, role)
         mode = head_mode(tc, cfg.data)
         if mode == "pretrained":
-            out[role] = ("was pretrained on shape-only images (textures drawn independently of the class: the "
-                         "embedded weights); nothing was fitted on this run's training split")
+            out[role] = ("was pretrained on shape-only images, textures drawn independently of the class (the "
+                         "embedded weights), with nothing fitted on this run's training split")
         elif mode == "trained":
             start = "from random weights" if get_spec(tc.name).demo else "from its pretrained weights"
             out[role] = f"was trained end to end on this run's training split ({cfg.data.name}), {start}"

@@ -67,9 +67,9 @@ def sweep_section(metrics: dict, out: Path) -> tuple[list, dict]:
     students = order_models(m.split("@", 1)[0] for m in metrics.get("meta", {}).get("models", []) if "@" in m)
     measures = [(k, name, scale) for k, name, scale in SWEEP_MEASURES
                 if any(stat(views[p], s, k) for s in students for p in labels)]
-    occluded = max((x for e in (metrics.get("occlusion") or {}).values() for x in e.get("fraction", [])), default=None)
-    if occluded:
-        measures.append((f"occlusion@{occluded:g}", f"accuracy, {occluded:.0%} occluded", PERCENT))
+    for key, name in (("accuracy.occluded", "accuracy, occluded variant"), ("occlusion.area", "occlusion curve, mean")):
+        if any(stat(views[p], s, key) for s in students for p in labels):  # the claim's occlusion measure, its area
+            measures.append((key, name, PERCENT))
     rows = [[style(s).display, p, *(fmt_stat(stat(views[p], s, k), scale, table=True) for k, _, scale in measures)]
             for s in students for p in labels]
     series = {s: {k: [stat(views[p], s, k) for p in labels] for k, _, _ in measures} for s in students}

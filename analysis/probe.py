@@ -115,21 +115,24 @@ class ProbedTeacher(nn.Module):
 
 def probe_measures(cfg, out, teacher: nn.Module, role: str, clean: dict, texture: dict | None, precision) -> dict:
     """The probe of one teacher fitted on its cache, and its figures beside the head's; one Ray task."""
-    from analysis.fourier import frequency_accuracy, low_frequency_reliance
+    from analysis.fourier import low_frequency_reliance, split_frequencies
     from analysis.robustness import accuracy, model_device, shape_bias
     from teacher_cache.paths import store_path
     prefix = getattr(teacher.net, "num_prefix_tokens", 0) if teacher.spec.kind == "vit" else 0
     x, y, image, layer = cached_pooled(store_path(out, cfg, role), prefix)
     probe = fit_probe(x, y, image, int(teacher.head().out_features), seed=cfg.seed)
     model = ProbedTeacher(teacher, layer, prefix, probe).to(model_device(teacher)).eval()
-    batch = cfg.analysis.eval_batch_size
+    batch, radii = cfg.analysis.eval_batch_size, cfg.analysis.fourier_radii
     with precision():
         result = {"layer": layer, "pooling": "mean over patch tokens" if teacher.spec.kind == "vit" else
                   "mean over positions", "train_samples": len(y), "l2": probe["l2"],
                   "holdout_accuracy": probe["holdout_accuracy"],
                   "accuracy.clean": accuracy(model, clean["x"], clean["y"], batch)}
-        curves = frequency_accuracy(model, clean["x"], clean["y"], cfg.analysis.fourier_radii, batch)
-        result["low_frequency_reliance"] = low_frequency_reliance(curves)
+        # the low-pass curve only (analysis/fourier.py's frequency_accuracy also runs the high-pass one)
+        low = [accuracy(model, clean["x"], clean["y"], batch, transform=lambda b, r=r: split_frequencies(b, r)[0])
+               for r in radii]
+        result["low_frequency_reliance"] = low_frequency_reliance({"radius": list(radii), "low": low},
+                                                                  result["accuracy.clean"])
         if texture is not None:
             result["shape_bias"] = shape_bias(model, texture["x"], texture["y"], texture["tex"], batch)["shape_bias"]
     return result

@@ -345,13 +345,16 @@ def test_sweep_report(tmp_path):
                        f"student_independent@{point}": [0.55, 0.56, 0.57]})
     metrics = _seeded(values, variant="clean")
     metrics["meta"]["sweep"] = {"train.kd_lambda": [0.5, 2]}
+    _add(metrics, "accuracy.occluded", {m: [v - 0.2 for v in vs] for m, vs in values.items()})
+    _add(metrics, "occlusion@0.9", {m: [0.1, 0.1, 0.1] for m in values})
     paths = write_report(metrics, tmp_path)
     markdown = paths["markdown"].read_text()
     assert "## Table 1: top-1 accuracy (%) per test variant at kd_lambda=0.5" in markdown
     assert "## Findings (exploratory) at kd_lambda=2" in markdown and "## Verdicts: the paper's claim at kd_lambda=2" in markdown
     sweep = _section(markdown, "Sweep")
     assert "Swept: train.kd_lambda ∈ {0.5, 2}." in sweep
-    assert "| KD student (ViT→CNN, PCA+GL) | kd_lambda=2 | 71 ± 1 [69, 73] |" in sweep
+    assert "| KD student (ViT→CNN, PCA+GL) | kd_lambda=2 | 71 ± 1 [69, 73] | 51 ± 1 [49, 53] |" in sweep
+    assert "accuracy, occluded variant" in sweep and "90%" not in sweep  # the claim's measure, not the curve's end
     assert paths["plot_sweep"].read_bytes().startswith(PNG_SIGNATURE)
     assert set(json.loads(paths["metrics"].read_text())["claim"]) == {"kd_lambda=0.5", "kd_lambda=2"}
 
@@ -383,3 +386,25 @@ def test_empty_sections(tmp_path):
     assert {k: loaded[k] for k in metrics} == metrics
     assert markdown.count("Not measured.") == 7
     assert "<img" not in paths["html"].read_text()
+
+
+@pytest.mark.slow
+def test_report_of_a_tiny_run(tiny_run):
+    """End to end: the claim judged on the occluded variant, the premise on heads and cached features, dropped
+    GradCAM maps counted, the correction named; one seed, so nothing is judged."""
+    m = json.loads((tiny_run / "report" / "metrics.json").read_text())
+    assert m["claim"]["occlusion"]["measure"] == "accuracy.occluded" and m["claim"]["occlusion"]["beside"]["measure"] == \
+        "occlusion.area"
+    assert {c["verdict"] for c in m["claim"].values()} <= {"fewer than 3 runs: cannot judge", "at chance"}
+    assert m["meta"]["correction"].startswith("Holm") and m["meta"]["test_images"] == 40
+    for teacher in ("teacher_vit", "teacher_cnn"):
+        features = m["premise"][teacher]["features"]
+        assert features == m["probe"][teacher] and features["train_samples"] == 128 * 3
+        assert 0 <= features["accuracy.clean"] <= 1 and 0 <= features["low_frequency_reliance"] <= 1
+        assert m["premise"][teacher]["trained_on"] and m["premise"][teacher]["head"]["accuracy.clean"] is not None
+    for model, entry in m["gradcam"].items():
+        assert entry["maps"] == 8 and 0 <= entry["dropped"] <= 8 and entry["cue_conflict"]["maps"] == 8
+    markdown = (tiny_run / "report" / "report.md").read_text()
+    assert markdown.index("## Verdicts") < markdown.index("## Table 1") < markdown.index("## Premise") < \
+        markdown.index("## Findings")
+    assert "maps dropped (no mass)" in markdown and "its features (linear probe)" in markdown
