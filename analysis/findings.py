@@ -12,8 +12,8 @@ from analysis.document import Para, Table
 from analysis.plots import style
 from analysis.quantities import FRACTION, PERCENT, digits_of, fmt, fmt_diff, fmt_stat, shown
 from analysis.stats import MIN_RUNS
-from analysis.verdicts import (CONTROL, CORRECTION, CRITERIA, INDEPENDENT, OCCLUSION_AREA, PRIMARY, Comparison, chance,
-                               claim_verdict, mean, occlusion_label, stat)
+from analysis.verdicts import (CONTROL, CRITERIA, EXPLORATORY_TEXT, INDEPENDENT, OCCLUSION_AREA, PRIMARY, Comparison,
+                               chance, claim_verdict, mean, occlusion_label, stat)
 
 TEACHERS = ("teacher_vit", "teacher_cnn")
 # a teacher whose clean accuracy is less than this share of the way from chance to 100% gets a warning: it has learned little
@@ -120,7 +120,7 @@ def findings_table(metrics: dict, rows: list[Comparison]) -> list:
                      "was not measured).")]
     return [Table(["measure", "KD student", "compared with", "its value", "difference [95% interval]", "p (Holm)",
                    "KD student is"], body),
-            Para(f"Exploratory: {CORRECTION.split('; ')[1]}. A row names a difference only where p (Holm) < 0.05."
+            Para(f"Exploratory: {EXPLORATORY_TEXT}. A row names a difference only where p (Holm) < 0.05."
                  f" The claim's own tests are in the verdicts above.")]
 
 

@@ -25,9 +25,10 @@ from analysis.stats import ALPHA, Difference, difference, holm, scalar_measures,
 KD, CONTROL, INDEPENDENT, LOGIT_KD = "student_kd_vit", "student_kd_cnn", "student_independent", "student_logit_kd"
 COMPARED = [CONTROL, INDEPENDENT, LOGIT_KD]  # what the KD student is compared with
 PRIMARY, EXPLORATORY = "primary", "exploratory"
-CORRECTION = ("Holm (1979) within each family: the primary family is the claim's tests (the KD student against the "
-              "control student on shape bias, low-frequency reliance and accuracy on the occluded variant, those "
-              "measured); every other comparison is exploratory, Holm-corrected across all of them")
+PRIMARY_TEXT = ("the primary family is the claim's tests (the KD student against the control student on shape bias, "
+                "low-frequency reliance and accuracy on the occluded variant, those measured)")
+EXPLORATORY_TEXT = "every other comparison is exploratory, Holm-corrected across all of them"
+CORRECTION = f"Holm (1979) within each family: {PRIMARY_TEXT}; {EXPLORATORY_TEXT}"  # metrics.json meta.correction
 # (key, what the paper claims, measure): the occlusion measure is the variant as made, the paper's treatment
 CRITERIA = [("shape_bias", "more shape-biased", "shape_bias"),
             ("low_frequency", "more reliant on low frequencies", "fourier.low_frequency_reliance"),
@@ -91,8 +92,8 @@ def chance(metrics: dict) -> float | None:
 
 def chance_band(metrics: dict, measure: str) -> tuple[float, float] | None:
     """The binomial 95% interval of a guessing model's accuracy on the images `measure` is computed on
-    (7.4-12.8% for 500 images and 10 classes: scipy.stats.binom.interval); at or below chance alone when the count is not recorded.
-    None for a measure that is not an accuracy."""
+    (7.4-12.8% for 500 images and 10 classes: scipy.stats.binom.interval); at or below chance alone when the
+    count is not recorded. None for a measure that is not an accuracy."""
     p = chance(metrics)
     if p is None or not measure.startswith(("accuracy.", "occlusion", "adversarial.")):
         return None

@@ -70,7 +70,8 @@ def test_cached_features_are_read_decoded_and_pooled(tmp_path, codec):
     x, y, image, layer = cached_pooled(tmp_path / "s.zarr", prefix=1)
     assert layer == "blocks.2" and x.shape == (120, 6)
     assert torch.allclose(x, torch.cat(want), atol=1e-6)
-    assert torch.equal(y, (torch.arange(40) % 10).repeat_interleave(3)) and torch.equal(image, torch.arange(40).repeat_interleave(3))
+    assert torch.equal(y, (torch.arange(40) % 10).repeat_interleave(3))
+    assert torch.equal(image, torch.arange(40).repeat_interleave(3))
 
 
 @pytest.mark.slow
