@@ -175,6 +175,7 @@ def test_verdicts_first_with_holm_within_the_claims_tests(tmp_path):
     assert claim["occlusion"]["measure"] == "accuracy.occluded" and claim["occlusion"]["verdict"] == "not shown"
     d = difference(shape[KD], shape[CONTROL])
     assert claim["shape_bias"]["difference"] == pytest.approx(0.2) and claim["shape_bias"]["ci95"] == pytest.approx(list(d.ci95))
+    assert '<td class="n">66 ± 5 [54, 78]</td>' in paths["html"].read_text()
     verdicts = _rows(_section(markdown, "Verdicts"))
     row = verdicts["more shape-biased"]
     assert row[2] == "0.31 ± 0.01 [0.29, 0.33] vs 0.11 ± 0.01 [0.09, 0.13]"
@@ -240,7 +241,9 @@ def test_at_chance_is_no_verdict(tmp_path):
 def test_two_seeds_cannot_be_judged(tmp_path):
     """The digits run: 2 seeds gave '93.45 ± 2.56 [70.45, 116.46]'. Now: no interval, no test, and the report says why."""
     metrics = _seeded({KD: [0.9345 - 0.0181, 0.9345 + 0.0181], CONTROL: [0.3886 - 0.0766, 0.3886 + 0.0766]})
-    markdown = write_report(metrics, tmp_path)["markdown"].read_text()
+    paths = write_report(metrics, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert '<td class="n">93 ± 3</td>' in paths["html"].read_text()  # numbers right-aligned, with or without interval
     table1 = _rows(_section(markdown, "Table 1"))
     assert table1["Student"][-1] == "40 ± 10"  # the control: 38.86 ± 10.83, to the tens
     assert "| 93 ± 3 |" in _section(markdown, "Table 1") and "116" not in markdown
