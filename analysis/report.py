@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from analysis.codec_part import codec_part
 from analysis.document import Heading, Para, Table, to_html, to_markdown
 from analysis.findings import (findings_table, premise_blocks, premise_record, spread_note, verdict_blocks,
                                warnings)
@@ -166,7 +167,7 @@ def _details_part(metrics: dict, out: Path, ctx: Context) -> tuple[list, dict]:
 # cache's codec, the views) is one such function inserted here where it should appear.
 PARTS: list[Callable[[dict, Path, Context], tuple[list, dict]]] = [
     _warnings_part, _verdicts_part, _table1_part, _premise_part, _findings_part, _sweep_part, _measures_part,
-    _details_part]
+    codec_part, _details_part]
 
 
 def report_metrics(metrics: dict) -> tuple[dict, Context]:

@@ -52,7 +52,7 @@ def fit_layout_basis(layout: Layout, teacher, images: np.ndarray, views: np.ndar
     """(layout with the fitted ranks, the basis group's arrays, provenance per layer) of a pca layout;
     `ranks` forces each layer's rank (an existing store's)."""
     codec = parse_feature_codec(layout.feature_codec)
-    fit_pairs, _ = sample_pairs(layout.n, layout.views, seed)
+    fit_pairs, _ = sample_pairs(min(layout.n, len(images)), layout.views, seed)  # a bench store repeats its images
     feats = teacher_features(teacher, images, views, fit_pairs, list(layout.layers), device)
     params, info, fitted = {}, {}, {}
     for name, shape in layout.layers.items():
