@@ -26,7 +26,6 @@ def _clusters(n_images=120, views=3, classes=3, seed=0):
     return x, y.repeat_interleave(views), image
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # ten L-BFGS fits: about 7 s on 2 cores
 def test_fit_probe_learns_a_linear_rule_and_chooses_on_held_out_images():
     x, y, image = _clusters()
