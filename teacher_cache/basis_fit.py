@@ -33,17 +33,22 @@ def sample_pairs(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def teacher_features(teacher, images: np.ndarray, views: np.ndarray, pairs: np.ndarray, layers: list[str],
                      device: str, batch: int = 64) -> dict[str, torch.Tensor]:
-    """The teacher's outputs (float32, on the host) for (image, view) pairs, as the cache computes them."""
+    """The teacher's outputs (float32, on the host) for (image, view) pairs, as the cache computes them; the
+    teacher runs on `device` and is left where it was."""
     out: dict[str, list[torch.Tensor]] = {}
-    teacher = teacher.to(device).eval()
-    for i in range(0, len(pairs), batch):
-        idx, view = pairs[i:i + batch, 0], pairs[i:i + batch, 1]
-        x = apply_views(torch.from_numpy(images[idx]).to(device), torch.from_numpy(views[idx, view]).to(device),
-                        teacher.input_size)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            feats = teacher.extract(x, layers)
-        for name in [*layers, "logits"]:
-            out.setdefault(name, []).append(feats[name].float().cpu())
+    was = next(teacher.parameters()).device
+    teacher.to(device).eval()
+    try:
+        for i in range(0, len(pairs), batch):
+            idx, view = pairs[i:i + batch, 0], pairs[i:i + batch, 1]
+            x = apply_views(torch.from_numpy(images[idx]).to(device), torch.from_numpy(views[idx, view]).to(device),
+                            teacher.input_size)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+                feats = teacher.extract(x, layers)
+            for name in [*layers, "logits"]:
+                out.setdefault(name, []).append(feats[name].float().cpu())
+    finally:
+        teacher.to(was)
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
