@@ -142,6 +142,8 @@ def test_commands_parse(page):
             assert argv[1] in subcommands, f"{page.name}: `{cmd}`: hakd has no command {argv[1]}"
         if any(c in cmd for c in "<>|{}") or "..." in cmd or any(re.fullmatch(r"[A-Z_]+", a) for a in argv):
             continue  # a pattern (`hakd <command>`, CONFIG OUT), not a command
+        if len(argv) == 2 and "--help" not in argv:
+            continue  # `hakd bench` names a command (checked above) in prose
         if "--help" in argv:
             argv = [a for a in argv if a != "--help"] + ["--help"]  # parses up to --help, which exits 0
             with pytest.raises(SystemExit) as exit_:
