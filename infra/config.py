@@ -66,7 +66,7 @@ class CacheConfig:
     chunk_size: int = 64          # samples per chunk inside a shard (must divide shard_size)
     batch_size: int = 128         # teacher forward batch
     clevel: int = 3               # Blosc level of the lz4 / zstd codecs
-    codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc), or CODEC:SHUFFLE (README has measurements)
+    codec: str = "lz4"            # every array's codec: none | lz4 | zstd (Blosc), or CODEC:SHUFFLE (docs/cache-format.md has measurements)
     codec_overrides: list[str] = field(default_factory=list)  # "NAME=CODEC" per array or group, e.g. features=zstd:noshuffle
     shuffle: str = "auto"         # Blosc's byte order where a codec names none: auto (noshuffle for CNN feature maps, whose zeros come in runs; bitshuffle else) | bitshuffle | shuffle | noshuffle
     feature_codec: str = "float16"  # float16 (exact) | int8 (per token, half the bytes) | pca:FRACTION:BITS[:MAX_RANK]: a PCA basis per layer fitted at cache time keeping FRACTION of the variance, its coefficients int8 or int4 per token, at most MAX_RANK of them (docs/cache-format.md, "Feature codecs")
@@ -87,11 +87,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     kd_lambda: float = 1.0        # lambda in L = CE + lambda (w_attn L_attn + w_value L_value + w_gl L_GL); the hint weight for the CNN control
-    pca_attn_weight: float = 300.0  # w_attn: PCA attention term; unweighted it carries <0.1% of the KD gradient (README, "The distillation loss")
+    pca_attn_weight: float = 300.0  # w_attn: PCA attention term; unweighted it carries <0.1% of the KD gradient (docs/loss.md)
     pca_value_weight: float = 1.0  # w_value: PCA value-relation term (V V^T / sqrt d)
     gl_weight: float = 1.0        # w_gl: GL token-regression term
     pca_swap_prob: float = 0.5    # partially-cross probability of swapping a student Q/K/V for the teacher's
-    pca_qkv: str = "conv3x3"      # PCA projector's map to Q/K/V: conv3x3 (the paper's) | conv1x1 | dwsep (README, "The distillation loss")
+    pca_qkv: str = "conv3x3"      # PCA projector's map to Q/K/V: conv3x3 (the paper's) | conv1x1 | dwsep (docs/loss.md)
     gl_groups: int = 4            # GL projector: groups per side of the token grid (4 -> 16 linear maps)
     logit_temperature: float = 4.0  # Hinton KD temperature (student_logit_kd)
     amp: bool = True              # bf16 autocast on GPU (ignored on CPU)

@@ -3,7 +3,7 @@
 Codecs (`cache.codec`, `cache.codec_overrides`) are Blosc with lz4 or zstd, or none; every chunk then
 carries zarr's CRC-32C (`Crc32cCodec`), so zarr itself rejects a damaged chunk on read. Blosc first
 reorders each chunk's bytes (`cache.shuffle`): bitshuffle (the bits of 8 values at a time), shuffle
-(byte planes) or noshuffle. Which pays depends on the array (README, "What the cache stores"; measured
+(byte planes) or noshuffle. Which pays depends on the array (docs/cache-format.md, "Codecs and byte order"; measured
 on the demo teachers' features, lz4): ViT residual-stream tokens shrink by a tenth with bitshuffle and
 not at all without it; post-ReLU CNN maps, whose zeros come in runs, shrink by 1.14x with bitshuffle and
 1.38x without any (zstd: 1.48x and 1.82x). `auto`, the default, is therefore noshuffle for CNN feature
