@@ -14,6 +14,8 @@ import torch
 from infra.config import Config
 from teacher_cache.datasets import load_split
 from teacher_cache.fit import build_teacher
+from infra.codec_spec import parse_feature_codec
+from teacher_cache.basis import encode, fit_basis, tokens
 from teacher_cache.codecs import blosc, parse_overrides, quantize, resolve
 from teacher_cache.job import ROLES, plan
 from teacher_cache.views import apply_views, sample_views
@@ -58,8 +60,14 @@ def size_report(cfg: Config) -> str:
         with torch.no_grad():
             out = teacher.extract(x, list(layout.layers))
         samples = {"images": sample, "logits": out["logits"].half().numpy()}
+        codec = parse_feature_codec(cfg.cache.feature_codec)
         for l, shape in layout.layers.items():
-            if cfg.cache.feature_dtype == "int8":
+            if codec.kind == "pca":  # a pca store's codes are bounded by its rank cap (planned_ranks): measured
+                # with a basis fitted on this sample at that rank
+                mean, comps, _ = fit_basis(tokens(out[l], len(shape)).numpy(), codec, cfg.data.seed, layout.ranks[l])
+                q, scale = encode(out[l], torch.from_numpy(mean), torch.from_numpy(comps), len(shape), codec.bits)
+                samples[f"features/{l}"], samples[f"scales/{l}"] = q.numpy(), scale.numpy()
+            elif codec.kind == "int8":
                 q, scale = quantize(out[l], len(shape))
                 samples[f"features/{l}"], samples[f"scales/{l}"] = q.numpy(), scale.numpy()
             else:
