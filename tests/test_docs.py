@@ -1,4 +1,4 @@
-"""The README is a front page and docs/ holds the rest: every link resolves, every command parses.
+"""The README is a front page and docs/ holds the rest: every link resolves, every command runs.
 
 Checks README.md and docs/*.md: the README's length and its links into docs/, that every relative link (and its
 #anchor) names a file and heading in the repository, that no path points outside the repository, that every
@@ -112,59 +112,56 @@ def test_config_keys_exist(page):
                 assert key in fields[section], f"{page.name}: `{span}`: {section}.{key} is no config field"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_commands_parse(page):
-    from infra.cli import build_parser
+def _check_module(module: str, where: str) -> None:
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"{where}: no module {module}"
+    if module.split(".")[0] in ("infra", "teacher_cache", "student_train", "analysis"):  # ours: it must run
+        assert "__main__" in Path(spec.origin).read_text(), f"{where}: {module} cannot be run with python -m"
+
+
+def _check_hakd(argv: list[str], where: str) -> None:
+    """Parse with the CLI's own parser; overrides must name config fields (bench's: profile fields)."""
     from infra.bench.profiles import Profile
+    from infra.cli import build_parser
     from infra.config import load_config
 
     parser = build_parser()
+    if "--help" in argv:  # parses up to --help, which exits 0
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([a for a in argv[1:] if a != "--help"] + ["--help"])
+        assert exit_.value.code == 0, f"{where} does not parse"
+        return
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{where} does not parse")
+    overrides = [o for o in getattr(args, "overrides", []) if "=" in o]
+    if args.command == "bench":
+        fields = {f.name for f in dataclasses.fields(Profile)} | {"profile", "device"}
+        assert {o.split("=")[0] for o in overrides} <= fields, f"{where}: no such bench profile field"
+    elif overrides or getattr(args, "config", None):
+        load_config(args.config, overrides)  # unknown keys and bad values raise
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_commands_parse(page):
+    from infra.cli import build_parser
+
     makefile = (ROOT / "Makefile").read_text()
-    subcommands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subcommands = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for cmd in _commands(_text(page)):
-        argv = cmd.replace("'", " ").replace('"', " ").split() if "<" in cmd else shlex.split(cmd)
+        where = f"{page.name}: `{cmd}`"
+        pattern = any(c in cmd for c in "<>|{}") or "..." in cmd  # `hakd <command> --help`, `hakd cache|train`
+        argv = cmd.replace("'", " ").replace('"', " ").split() if pattern else shlex.split(cmd)
         if argv[0] == "make":
-            assert re.search(rf"^{argv[1]}:", makefile, re.M), f"{page.name}: no make target {argv[1]} ({cmd})"
-            continue
-        if argv[0] == "bash":
-            if not argv[1].startswith("-"):
-                assert (ROOT / argv[1]).is_file(), f"{page.name}: no script {argv[1]} ({cmd})"
-            continue
-        if argv[0] != "hakd":
-            module = argv[argv.index("-m") + 1]
-            spec = importlib.util.find_spec(module)
-            assert spec is not None, f"{page.name}: no module {module} ({cmd})"
-            if module.split(".")[0] in ("infra", "teacher_cache", "student_train", "analysis"):  # ours: runnable
-                source = Path(spec.origin).read_text()
-                assert "__main__" in source, f"{page.name}: {module} cannot be run with python -m ({cmd})"
-            continue
-        if len(argv) > 1 and re.fullmatch(r"[a-z]+", argv[1]):
-            assert argv[1] in subcommands, f"{page.name}: `{cmd}`: hakd has no command {argv[1]}"
-        if any(c in cmd for c in "<>|{}") or "..." in cmd or any(re.fullmatch(r"[A-Z_]+", a) for a in argv):
-            continue  # a pattern (`hakd <command>`, CONFIG OUT), not a command
-        if len(argv) == 2 and "--help" not in argv:
-            continue  # `hakd bench` names a command (checked above) in prose
-        if "--help" in argv:
-            argv = [a for a in argv if a != "--help"] + ["--help"]  # parses up to --help, which exits 0
-            with pytest.raises(SystemExit) as exit_:
-                parser.parse_args(argv[1:])
-            assert exit_.value.code == 0, f"{page.name}: `{cmd}` does not parse"
-            continue
-        if argv[0] != "hakd":
-            module = argv[argv.index("-m") + 1]
-            spec = importlib.util.find_spec(module)
-            assert spec is not None, f"{page.name}: no module {module} ({cmd})"
-            if module.split(".")[0] in ("infra", "teacher_cache", "student_train", "analysis"):  # ours: runnable
-                source = Path(spec.origin).read_text()
-                assert "__main__" in source, f"{page.name}: {module} cannot be run with python -m ({cmd})"
-            continue
-        try:
-            args = parser.parse_args(argv[1:])
-        except SystemExit:
-            pytest.fail(f"{page.name}: `{cmd}` does not parse")
-        overrides = [o for o in getattr(args, "overrides", []) if "=" in o]
-        if args.command == "bench":  # its overrides are fields of the bench profile
-            fields = {f.name for f in dataclasses.fields(Profile)} | {"profile", "device"}
-            assert {o.split("=")[0] for o in overrides} <= fields, f"{page.name}: `{cmd}`: no such bench field"
-        elif overrides or getattr(args, "config", None):
-            load_config(args.config, overrides)  # unknown keys and bad values raise
+            assert re.search(rf"^{argv[1]}:", makefile, re.M), f"{where}: no such make target"
+        elif argv[0] == "bash":
+            assert argv[1].startswith("-") or (ROOT / argv[1]).is_file(), f"{where}: no such script"
+        elif argv[0] != "hakd":
+            _check_module(argv[argv.index("-m") + 1], where)
+        else:
+            if len(argv) > 1 and re.fullmatch(r"[a-z]+", argv[1]):
+                assert argv[1] in subcommands, f"{where}: hakd has no such command"
+            placeholder = pattern or any(re.fullmatch(r"[A-Z_]+", a) for a in argv)  # CONFIG OUT
+            if not placeholder and (len(argv) != 2 or "--help" in argv):  # a bare `hakd train` only names one
+                _check_hakd(argv, where)
