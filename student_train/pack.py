@@ -17,9 +17,12 @@ checksums (disk speed), not by decoding them.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +195,13 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
     page_size = max(1 << 22, 1 << int(np.ceil(np.log2(row_bytes * 2 + 4096))))
     tmp = beton.with_suffix(".beton.tmp")
     rows = _Rows({r: str(p) for r, p in stores.items()}, arrays)
+    # ffcv's writer processes die on a full disk and leave it waiting for them forever: the room is checked
+    # first (its file: whole pages, one partly filled per writer, then the metadata)
+    need = (math.ceil(len(rows) * row_bytes / page_size) + workers) * page_size + len(rows) * 64 + (1 << 20)
+    free = shutil.disk_usage(tmp.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"packing needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free",
+                      str(tmp))
     writer = DatasetWriter(str(tmp), fields, num_workers=workers, page_size=page_size)
     log(f"packing {len(rows)} rows ({row_bytes / 1024:.1f} KiB each) into {beton}")
     writer.from_indexed_dataset(rows, chunksize=first.shard_size * first.views)  # one shard read per chunk

@@ -134,6 +134,24 @@ def test_a_full_disk_while_saving_a_teacher_exits_2_and_the_same_command_then_fi
     assert main(["verify", "--out", str(out)]) == 0
 
 
+@pytest.mark.slow
+def test_packing_onto_a_disk_without_room_is_refused_before_ffcv_starts(tiny_cache, tmp_path, monkeypatch):
+    """ffcv's writer processes die on a full disk and leave it waiting forever: the room is checked first."""
+    from types import SimpleNamespace
+
+    from student_cache import quiet, stores_of
+    from student_train import pack
+    cfg, out = tiny_cache
+    monkeypatch.setattr(pack.shutil, "disk_usage", lambda p: SimpleNamespace(total=64 << 20, used=63 << 20,
+                                                                              free=1 << 20))
+    with pytest.raises(OSError) as err:
+        pack.pack(stores_of(cfg, out), tmp_path / "train", workers=1, log=quiet)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "train" / "data.beton.tmp")
+    assert "MiB are free" in err.value.strerror and not (tmp_path / "train" / "data.beton.tmp").exists()
+    line, status, _ = failures.describe(err.value, tmp_path)
+    assert status == 2 and line.startswith(f"no space left writing {tmp_path / 'train' / 'data.beton.tmp'} (the disk")
+
+
 def _imagefolder(root, broken: str) -> DataConfig:
     """root/{train,test}/<class>/*.jpg, 4 + 3 images per class, one of them cut short after half its bytes."""
     rng = np.random.default_rng(0)
