@@ -8,7 +8,7 @@ from __future__ import annotations
 # teacher name -> (file in teacher_cache/weights, sha256, image size it was trained at). Regenerate with
 # `python -m teacher_cache.pretrain_demo --out teacher_cache/weights/vit_demo_shape.safetensors`.
 EMBEDDED = {
-    "vit_demo": ("vit_demo_shape.safetensors", "3135ed52b0be974b78dca136c674b3975338200024bb8f5d4cf98d80affed639", 32),
+    "vit_demo": ("vit_demo_shape.safetensors", "e7c1317ad346c20db3d1e05fe356137c921773f2ebbb7e984d4199e8b3b7f974", 32),
 }
 
 

@@ -50,9 +50,28 @@ class TeacherSpec:
 
 
 def _vit_demo(num_classes: int, size: int) -> nn.Module:
+    """timm ViT on an 8x8 token grid whose patchify conv is a small conv stem (Xiao et al. 2021): it learns
+    the shapes from far fewer images; the tokens, blocks and everything the cache reads are unchanged."""
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=size, patch_size=max(2, size // 8), embed_dim=96, depth=4, num_heads=3,
-                             mlp_ratio=2.0, num_classes=num_classes)
+    patch = max(2, size // 8)
+    net = VisionTransformer(img_size=size, patch_size=patch, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0,
+                            num_classes=num_classes)
+    net.patch_embed.proj = _conv_stem(patch, 96)
+    return net
+
+
+def _conv_stem(patch: int, dim: int) -> nn.Sequential:
+    """3x3 conv-BN-ReLU layers with the patch's stride: stride 2 while the patch halves, one conv for
+    what is left (an odd patch), then a 1x1 projection to the token width."""
+    def conv(c_in, c_out, k, stride, pad):
+        return [nn.Conv2d(c_in, c_out, k, stride, pad, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    layers, c = conv(3, 24, 3, 1, 1), 24
+    while patch % 2 == 0:
+        layers += conv(c, 2 * c, 3, 2, 1)
+        c, patch = 2 * c, patch // 2
+    if patch > 1:
+        layers += conv(c, c, patch, patch, 0)
+    return nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
 
 
 def _vit_b16_clip(num_classes: int, size: int) -> nn.Module:
