@@ -74,8 +74,9 @@ def disk_message(e: OSError, fallback: str | Path | None) -> str:
     path = e.filename or fallback or "."
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left" if e.errno == errno.ENOSPC else "disk quota exceeded"
-        return (f"{what} writing {path} ({disk_of(path)}): free space there (or move --out to a larger disk), "
-                f"then run the same command again; it resumes, keeping what was finished")
+        need = f"; {e.strerror}" if e.strerror and e.strerror != os.strerror(e.errno) else ""  # hakd's own estimate
+        return (f"{what} writing {path} ({disk_of(path)}{need}): free space there (or move --out to a larger "
+                f"disk), then run the same command again; it resumes, keeping what was finished")
     if e.errno == errno.EROFS:
         return (f"cannot write {path}: {disk_of(path).split(':')[0]} is read-only; give an --out (and "
                 f"cache.location) on a writable filesystem")

@@ -150,6 +150,7 @@ def test_packing_onto_a_disk_without_room_is_refused_before_ffcv_starts(tiny_cac
     assert "MiB are free" in err.value.strerror and not (tmp_path / "train" / "data.beton.tmp").exists()
     line, status, _ = failures.describe(err.value, tmp_path)
     assert status == 2 and line.startswith(f"no space left writing {tmp_path / 'train' / 'data.beton.tmp'} (the disk")
+    assert "; packing needs about " in line
 
 
 def _imagefolder(root, broken: str) -> DataConfig:
