@@ -113,7 +113,7 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     except OSError as e:  # a full disk fails the write without a file name: the error names the target
         with suppress(OSError):  # the part written would only take room
             tmp.unlink(missing_ok=True)
-        if e.filename is None:
+        if e.filename in (None, str(tmp)):
             raise OSError(e.errno, e.strerror, str(target)) from e
         raise
 

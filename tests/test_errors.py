@@ -75,6 +75,15 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     assert "free of" in line and "run the same command again" in line
 
 
+def test_a_refused_temporary_file_is_reported_as_its_target(tmp_path, monkeypatch):
+    def read_only(path, mode="r", *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(storage, "open", read_only, raising=False)
+    with pytest.raises(OSError) as err:
+        storage.write_bytes(tmp_path / "config.yaml", b"x")
+    assert err.value.errno == errno.EROFS and err.value.filename == str(tmp_path / "config.yaml")  # not *.tmp
+
+
 @pytest.mark.parametrize("code, words", [(errno.EROFS, "is read-only"), (errno.EACCES, "permission denied on"),
                                          (errno.EDQUOT, "disk quota exceeded")])
 def test_other_disk_errors_name_the_path_and_the_fix(tmp_path, code, words):
