@@ -115,3 +115,19 @@ def test_hakd_train_reports_each_epoch(tiny_run, tmp_path, capsys):
         for line in (f"train: {name} started (", f"train: {name} epoch 1/2: loss ", f"train: {name} epoch 2/2: loss ",
                      f"train: {name} finished: test acc "):
             assert line in printed, printed
+
+
+def test_a_restored_sweep_reports_to_the_running_command():
+    """Tune pickles its callbacks into the experiment and Tuner.restore unpickles them: the callback must come
+    back as the one of the command running the restore, not as a copy of the killed command's."""
+    from ray import cloudpickle
+
+    from student_train.progress import tune_callback
+    killed = tune_callback(SweepProgress(TRIALS, 2, log=[].append, live=False), name_of=str)
+    pickled = cloudpickle.dumps(killed)
+    lines = []
+    running = tune_callback(SweepProgress(TRIALS, 2, log=lines.append, live=False), name_of=str)
+    restored = cloudpickle.loads(pickled)
+    assert restored is running
+    restored.on_trial_start(0, [], TRIALS[0])
+    assert lines == ["train: student_kd_vit/seed0 started (0 of 3 done, 1 running, 2 pending)"]
