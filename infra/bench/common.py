@@ -1,9 +1,6 @@
-"""What the benchmarks share: the clock, the JSON line, and the cache they read (profiles: infra/bench/profiles.py).
-
-The benchmarks never touch a user's runs: `Context` builds its own small cache in a temporary directory from
-generated images and randomly initialised teachers (saved where `load_fitted` looks for fitted ones, so the
-real `CacheWorker` loads them), and packs it with the real `pack`. The random teachers first get a trained
-network's activation scales (`calibrate`).
+"""What the benchmarks share: the clock, the JSON line's header, and `Context`, the cache they read: built in a
+temporary directory from generated images and random teachers given a trained network's activation scales
+(`calibrate`) and saved where `load_fitted` looks, by the real `CacheWorker`, and packed by the real `pack`.
 """
 from __future__ import annotations
 
@@ -167,10 +164,9 @@ class Context:
         fitted, seed = None, self.cfg.data.seed
         if layout.ranks:  # a pca codec: its basis is fitted as `hakd cache` fits it (teacher_cache/basis_fit.py)
             layout, *fitted = fit_layout_basis(layout, t, d["images"][:n], d["views"][:n], seed, self.p.device)
+        params = ("live_block",) * vit + ("basis",) * bool(layout.ranks)
         store = open_store(self.cfg, path, layout, identity(self.cfg, role, t, layout, f"{d['fingerprint']} x{n}"),
-                           provenance(self.cfg), params=(("live_block",) if vit else ()) + (("basis",) if
-                                                                                         layout.ranks else ()),
-                           overwrite=True)
+                           provenance(self.cfg), params=params, overwrite=True)
         if vit:
             store.write_params("live_block", {k: v.numpy() for k, v in t.net.blocks[-1].state_dict().items()})
         ensure_basis(store, t, d["images"][:n], d["views"][:n], seed, self.p.device, fitted)

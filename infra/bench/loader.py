@@ -32,11 +32,10 @@ def resident(path: Path) -> float:
     """Fraction of the file's pages in the page cache (mincore on a fresh read-only map)."""
     size = os.path.getsize(path)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
         view = np.frombuffer(m, dtype=np.uint8)
         pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), size, pages)
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), pages)
         del view
     if rc != 0:
         raise OSError(ctypes.get_errno(), f"mincore on {path}")

@@ -24,6 +24,7 @@ from student_train.losses import KDObjective
 from student_train.projectors import QKV_MAPS
 from student_train.students import Student
 from student_train.trainer import OBJECTIVE_KEYS, LastBlockTargets
+from teacher_cache.basis_fit import stored_features
 from teacher_cache.views import apply_views
 
 
@@ -74,7 +75,7 @@ class Setup:
         self.images = torch.from_numpy(g["images"][:b]).to(self.dev)
         self.labels = torch.from_numpy(g["labels"][:b]).to(self.dev)
         self.views = torch.from_numpy(g["views"][:b, 1]).to(self.dev)
-        self.tokens = torch.from_numpy(g[f"features/{self.layer}"][:b, 1]).to(self.dev)  # float16, resident
+        self.tokens = stored_features(store, self.layer, slice(0, b), 1).to(self.dev)  # float16, resident
 
     def model(self, kind: str, pca_qkv: str | None = None, compiled: bool = False):
         """(student, objective, optimiser); ``pca_qkv`` overrides train.pca_qkv."""
