@@ -4,8 +4,7 @@
                                       (the frozen last ViT block runs on it each step, as the trainer does)
   offline_kd_step_s                   the KD step fed by the FFCV StudentLoader (waiting, copies and decoding in)
   online_kd_step_s                    the teacher run live to its last block each step, then the KD step
-  compiled_*                          plain, resident and offline KD with train.compile (GPU only; the trainer's
-                                      GPU default: compiled_offline_over_plain is its ratio)
+  compiled_*                          plain, resident and offline KD with train.compile (GPU only, its default)
 
 These use train.pca_qkv; `*_by_pca_qkv` hold the offline step with every PCA map. Views are replayed on the device
 (`apply_views`), under bf16 autocast and channels_last on GPU; every kind has its own fresh student and optimiser
