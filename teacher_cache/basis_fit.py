@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from infra.codec_spec import parse_feature_codec
-from teacher_cache.basis import PARAMS, fit_basis, tokens
+from teacher_cache.basis import PARAMS, check_basis, decode, fit_basis, tokens
+from teacher_cache.codecs import dequantize, token_axis
 from teacher_cache.layout import Layout
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views
@@ -86,3 +87,22 @@ def ensure_basis(store: CacheStore, teacher, images: np.ndarray, views: np.ndarr
         params, info = fitted
     store.write_params(PARAMS, params)
     store.update_attrs(basis=info)
+
+
+def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Tensor:
+    """features/<layer> of samples `rows` (a slice or index array) at `view` as float16, decoded as the student
+    step decodes them: whatever the store's codec, the features a student learns from."""
+    lay = store.layout
+    codec, shape = parse_feature_codec(lay.feature_codec), lay.layers[layer]
+    x = torch.from_numpy(store.array(f"features/{layer}")[rows, view])
+    if codec.kind == "float16":
+        return x
+    scale = torch.from_numpy(store.array(f"scales/{layer}")[rows, view])
+    if codec.kind == "int8":
+        return dequantize(x, scale, len(shape))
+    try:
+        mean, comps = check_basis(store.read_params(PARAMS), layer, shape[len(shape) + token_axis(len(shape))],
+                                  lay.ranks[layer])
+    except ValueError as e:
+        raise StoreError(f"cache store {store.path}: {e}; re-run `hakd cache --overwrite`") from None
+    return decode(x, scale, torch.from_numpy(mean), torch.from_numpy(comps), len(shape), codec.bits)
