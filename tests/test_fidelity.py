@@ -137,3 +137,19 @@ def test_damaged_basis_is_one_clear_error(pca_cache, tmp_path):
     assert any("basis/" in p for p in store.verify())
     with pytest.raises(StoreError, match="units coded with a PCA basis that is missing or damaged"):
         ensure_basis(store, None, None, None, 0, "cpu")
+
+
+def test_hakd_cache_refuses_a_codec_above_the_bound_and_keeps_the_stores(pca_cache, capsys):
+    """Through the CLI: exit 2, one line naming a stronger codec; the stores stay whole and complete."""
+    from infra.cli import main
+    from student_cache import OVERRIDES
+    from teacher_cache.store import CacheStore
+    cfg, out, _, _ = pca_cache
+    code = main(["cache", "--out", str(out), *OVERRIDES, f"cache.feature_codec={CODEC}",
+                 "cache.codec_max_error=0.0001"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "above cache.codec_max_error 0.0001; use cache.feature_codec=pca:0.99:int8 instead" in err
+    for path in stores_of(cfg, out).values():
+        store = CacheStore.open(path)
+        assert store.verify() == [] and not store.pending_units()
