@@ -10,6 +10,9 @@ pages still cached before a cold epoch, by mincore(2) on a fresh map (which brin
 (`ffcv_samples_s`, against `student_samples_s`, this machine's KD step with resident teacher tensors). MB/s count
 the rows read. `kd_step_needs_mb_s`: the rows' bytes per second the compiled KD step consumes on a GPU (this run's
 train bench there, else the newest GPU results file under --results); `cold_over_kd_step` divides by it.
+`ratio`: the warm rate over a torch DataLoader's whole epochs over the Zarr store (same rows, batch, workers and
+view order; after one epoch that starts its workers), read sample by sample as a map-style Dataset reads: each
+read decodes the chunk holding the sample, the cost the packed file removes.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import ctypes
 import json
 import mmap
 import os
+import sys
 from pathlib import Path
 from statistics import median
 
@@ -24,8 +28,29 @@ import numpy as np
 import torch
 
 from infra.bench.common import Context, header, judge, log, sig, timed
-from infra.bench.train import resident_rate
-from student_train.loader import StudentLoader
+from student_train.loader import StudentLoader, view_order
+
+
+class ZarrRows(torch.utils.data.Dataset):
+    """Row image * K + view of a cache store, read on demand (each worker opens its own handles)."""
+
+    def __init__(self, path: str, layer: str, n: int, views: int):
+        self.path, self.layer, self.n, self.views = path, layer, n, views
+        self.arrays = None
+
+    def __len__(self) -> int:
+        return self.n * self.views
+
+    def __getitem__(self, row: int) -> dict:
+        if self.arrays is None:
+            import zarr
+            g = zarr.open_group(self.path, mode="r")
+            self.arrays = {name: g[name] for name in ("images", "labels", "views", f"features/{self.layer}")}
+        i, v = divmod(int(row), self.views)
+        a = self.arrays
+        return {"image": torch.from_numpy(a["images"][i]), "label": int(a["labels"][i]), "index": i,
+                "view": torch.from_numpy(a["views"][i, v]),
+                "feature": torch.from_numpy(a[f"features/{self.layer}"][i, v])}
 
 
 def resident(path: Path) -> float:
@@ -56,9 +81,11 @@ def drop_pages(path: Path, maps=()) -> float:
     return resident(path)
 
 
-def epoch_rate(loader: StudentLoader, epoch: int, key: str, dev: str) -> float:
-    """Samples/s of one whole epoch, each batch handed to the device."""
-    loader.set_epoch(epoch)
+def epoch_rate(loader, key: str, dev: str, epoch: int | None = None) -> float:
+    """Samples/s of one whole epoch of `loader` (a StudentLoader set to `epoch`, or a torch DataLoader), each batch
+    handed to the device."""
+    if epoch is not None:
+        loader.set_epoch(epoch)
     seen = [0]
 
     def one_epoch() -> None:
@@ -70,6 +97,18 @@ def epoch_rate(loader: StudentLoader, epoch: int, key: str, dev: str) -> float:
     return seen[0] / seconds
 
 
+def torch_zarr_rate(ctx: Context) -> float:
+    """Samples/s of a torch DataLoader over the ViT store: the median of `repeats` epochs after the first."""
+    p, lay = ctx.p, ctx.filled_store("teacher_vit").layout
+    rows = ZarrRows(str(ctx.store("teacher_vit").path), next(iter(lay.layers)), lay.n, lay.views)
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # never fork a process that runs Ray
+    dl = torch.utils.data.DataLoader(rows, p.train_batch, sampler=view_order(lay.n, lay.views, 0, 0).tolist(),
+                                     num_workers=p.loader_workers, drop_last=True, persistent_workers=True,
+                                     multiprocessing_context="spawn" if ray_up else None)
+    rates = [epoch_rate(dl, "feature", p.device) for _ in range(1 + p.repeats)]
+    return median(rates[1:])
+
+
 def ffcv_rates(ctx: Context) -> tuple[dict, dict]:
     """Cold and warm epochs of one StudentLoader; the packed file's row and size."""
     p = ctx.p
@@ -78,14 +117,14 @@ def ffcv_rates(ctx: Context) -> tuple[dict, dict]:
     loader = StudentLoader(beton, meta, [field], p.train_batch, p.loader_workers, seed=0,
                            timeout_s=ctx.cfg.train.loader_timeout_s)
     try:
-        epoch_rate(loader, 0, field, p.device)  # numba JIT, FFCV's first epoch
+        epoch_rate(loader, field, p.device, 0)  # numba JIT, FFCV's first epoch
         cold, warm, before = [], [], []
         ffcv_map = getattr(loader.loader.memory_manager, "context", None)  # FFCV's np.memmap of the file
         maps = [ffcv_map.mmap] if getattr(ffcv_map, "mmap", None) is not None else []
         for r in range(p.repeats):
             before.append(drop_pages(beton, maps))
-            cold.append(epoch_rate(loader, 1 + 2 * r, field, p.device))
-            warm.append(epoch_rate(loader, 2 + 2 * r, field, p.device))
+            cold.append(epoch_rate(loader, field, p.device, 1 + 2 * r))
+            warm.append(epoch_rate(loader, field, p.device, 2 + 2 * r))
     finally:
         torch.set_num_threads(ctx.threads)  # FFCV set it to its worker count
     figures = {}
@@ -120,13 +159,14 @@ def kd_step_needs(ctx: Context, row_kib: float) -> tuple[float | None, str]:
 def run(ctx: Context) -> dict:
     p = ctx.p
     rates, packed = ffcv_rates(ctx)
-    if "student_samples_s" not in ctx.memo:  # `bench loader` alone: measure the resident KD step here
-        ctx.memo["student_samples_s"] = resident_rate(ctx)
-    ff, st = rates["warm"]["samples_s"], ctx.memo["student_samples_s"]
+    tz = torch_zarr_rate(ctx)
+    log(f"loader: torch over zarr {tz:.0f} samples/s")
+    ff, st = rates["warm"]["samples_s"], ctx.memo.get("student_samples_s")  # measured by the train bench
     needs, source = kd_step_needs(ctx, packed["row_kib"])
-    line = {**header("loader", p), "ffcv_samples_s": ff, "student_samples_s": sig(st), "ffcv_over_student": sig(ff / st),
+    line = {**header("loader", p), "ffcv_samples_s": ff, "torch_zarr_samples_s": sig(tz), "ratio": sig(ff / tz),
+            "student_samples_s": st, "ffcv_over_student": st and sig(ff / st),
             **rates, "kd_step_needs_mb_s": needs and sig(needs), "kd_step_from": source,
             "cold_over_kd_step": needs and sig(rates["cold"]["mb_s"] / needs),
             "params": {"batch": p.train_batch, "workers": p.loader_workers, "images": p.n_images, "views": p.views,
                        "image_size": p.image_size, "epochs": p.repeats, **packed}}
-    return judge(line, {"ffcv_over_student": ">= 1"})
+    return judge(line, {"ratio": ">= 3", "ffcv_over_student": ">= 1"})

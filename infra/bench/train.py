@@ -115,20 +115,6 @@ class Setup:
                                  else None)
 
 
-def step_time(fn, p) -> float:
-    """Median seconds per step: warm-up steps, then `repeats` timed runs of `train_steps` steps."""
-    for _ in range(p.train_warmup):
-        fn()
-    return median(timed(lambda: [fn() for _ in range(p.train_steps)], p.device) / p.train_steps
-                  for _ in range(p.repeats))
-
-
-def resident_rate(ctx: Context) -> float:
-    """Samples/s the student consumes with resident teacher tensors (for `bench loader` alone)."""
-    s = Setup(ctx)
-    return ctx.p.train_batch / step_time(s.resident(s.model("student_kd_vit")), ctx.p)
-
-
 def run(ctx: Context) -> dict:
     p, dev = ctx.p, ctx.p.device
     s = Setup(ctx)
