@@ -1,19 +1,19 @@
-"""bench analyze: images/s of every analysis measure, and the time they project for the paper's CIFAR-10 analysis.
+"""bench analyze: images/s of every analysis measure, the time they project for the paper's CIFAR-10 analysis,
+and (on CPUs) the gain of 2 Ray workers over 1.
 
-The real `analysis.evaluate.run_measure`, with the measure settings of infra/configs/paper_cifar10.yaml (radii,
-occlusion fractions, eps, PGD steps, batch sizes), on the profile's ViT, CNN and student with random weights
-and `analyze_test_size` synthetic test images at the profile's image size, in the precision `hakd analyze` uses
-there (bf16 where the measure allows, on GPU). Each measure runs once on a small slice first (lazy set-up, cuDNN
-autotuning), then on all images, the device synchronised around the clock. A rate counts test images of the
-whole measure (all its filtered, occluded or attacked passes; for the student's CKA and GradCAM, the ViT
-teacher's forwards too). `projected_s` divides the images each task of the paper config sees on CIFAR-10's
-10,000 test images (clean and occluded) by these rates, for the two teachers and three students. Past
-`analyze_budget_s` no further measure starts; a model with a rate missing gets no projection.
+Rates: the real `analysis.evaluate.run_measure` with the measure settings of infra/configs/paper_cifar10.yaml, on
+the profile's ViT, CNN and student with random weights and `analyze_test_size` synthetic test images at its image
+size, in the precision `hakd analyze` uses there (bf16 where the measure allows, on GPU); each measure once on a
+small slice first (lazy set-up, cuDNN autotuning), then timed on all images. A rate counts test images of the whole
+measure (all its filtered, occluded or attacked passes; for the student's CKA and GradCAM, the ViT teacher's
+forwards too). `projected_s` divides the images each task of the paper config sees on CIFAR-10's 10,000 test
+images (clean and occluded) by these rates, for the two teachers and three students. Past `analyze_budget_s` no
+further measure starts; a model with a rate missing gets no projection.
 
-On CPUs also `speedup`: the wall time of the rate models' Fourier, occlusion and accuracy tasks (`run_task`, one
-thread each, as `hakd analyze` runs them on a machine without GPUs) with 1 Ray worker over 2, both workers warmed
-first, the settings alternating; `machine_speedup` is what 2 workers gain meanwhile on pure CPU work (4 spin tasks):
-below 2 on a machine shared with other jobs, and `speedup` cannot exceed it.
+`speedup` (CPUs): wall time of the rate models' Fourier, occlusion and accuracy tasks (`run_task`, one thread each,
+as `hakd analyze` runs them without GPUs) with 1 Ray worker over 2, both warmed first, the settings alternating.
+`machine_speedup`, the same on pure CPU work, is what 2 workers can gain on the machine now: below 2 when it is
+shared with other jobs, and `speedup` cannot exceed it.
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ import functools
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 import yaml
-
-from statistics import median
 
 from infra.bench.common import free_device_memory, header, judge, log, sig, timed
 from infra.bench.profiles import Profile
@@ -57,13 +56,9 @@ def rate_config(p: Profile):
 def images_per_task(cfg, measure: str, n: int) -> int:
     """Test images one task of `measure` sees when the test split has n images."""
     a = cfg.analysis
-    if measure == "adversarial":
-        return min(a.adversarial_samples, n)
-    if measure == "gradcam":
-        return min(a.gradcam_eval_samples, n)
-    if measure == "cka":
-        return min(a.cka_samples, n) // a.cka_batch_size * a.cka_batch_size  # full minibatches only
-    return n
+    cka = min(a.cka_samples, n) // a.cka_batch_size * a.cka_batch_size  # full minibatches only
+    return {"adversarial": min(a.adversarial_samples, n), "gradcam": min(a.gradcam_eval_samples, n),
+            "cka": cka}.get(measure, n)
 
 
 def wall(launches: list, workers: int) -> float:
@@ -81,10 +76,7 @@ def wall(launches: list, workers: int) -> float:
 
 def spin(n: int) -> int:
     """Pure CPU work with nothing shared: what two workers could gain on this machine right now."""
-    total = 0
-    for i in range(n):
-        total += i
-    return total
+    return sum(i * i for i in range(n))
 
 
 def worker_speedup(p: Profile, cfg, out: Path) -> dict:

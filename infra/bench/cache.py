@@ -1,27 +1,24 @@
 """bench cache: the cache path's images/s against the bare teacher forward, and what limits it.
 
-The cache path is the real `CacheWorker` (in this process, no Ray): per shard-aligned unit, replay the views,
-run the teacher, bring the outputs to the host into shared memory and hand the unit to a writer process
-(Zarr shards, checksummed, fsynced) while the next unit is computed. The bare forward is the same loop
-stopping at the teacher's outputs on the device. "img/s" counts teacher inputs (image-views). The stores are
-the bench's own: `cache_images` images (the context's, repeated, fresh views), removed once measured.
+The cache path is the real `CacheWorker` (in this process, no Ray): per shard-aligned unit, replay the views, run
+the teacher, bring the outputs to the host into shared memory and hand the unit to a writer process (Zarr shards,
+checksummed, fsynced) while the next unit is computed. The bare forward is the same loop stopping at the teacher's
+outputs on the device. "img/s" counts teacher inputs (image-views) over the bench's own stores of `cache_images`
+images (the context's, repeated, fresh views), removed once measured.
 
-`ratio` times one run over every unit (the pipeline's fill and last writes included, which a real job pays
-once). `steady_ratio` is the marginal rate, the one judged: each path timed over half the units and over all
-(each run ends drained), steady img/s = extra inputs / extra seconds, the median over `cache_repeats`. Where
-the disk cannot take the bytes the bare forward would produce (`bound: "disk"`), the judged figure is
-`steady_over_disk` (steady_written_mb_s / disk_write_mb_s) instead.
-
-Also: the disk's own write rate with fsync (one stream, and `disk_streams` files at once, as the writers
-write), the stored bytes per second the bare forward would produce (`bare_needs_mb_s`), and what the worker's
-writer processes sustain alone, encoding, hashing and writing units already in memory (`writers_img_s`,
-`writers_mb_s`): whether the disk, the writers or the rest of the pipeline sets the pace (`writers=N` sizes
-them: `cache.writers`).
+`ratio` times one run over every unit (the fill and last writes, paid once per job, included). `steady_ratio`, the
+judged one, is the marginal rate: each path timed over half the units and over all, steady img/s = extra inputs /
+extra seconds, the median over `cache_repeats`; where the disk cannot take the bytes the bare forward would produce
+(`bound: "disk"`), `steady_over_disk` (steady_written_mb_s / disk_write_mb_s) is judged instead. Also: the disk's
+fsynced write rate (one stream, and `disk_streams` files at once, as the writers write), `bare_needs_mb_s`, and what
+the writer processes sustain alone on units already in memory (`writers_img_s`, `writers_mb_s`; `writers=N` sizes
+them): whether the disk, the writers or the rest of the pipeline sets the pace.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,12 +31,6 @@ from infra.bench.profiles import cores
 from teacher_cache.shards import write_file
 
 TARGET = ">= 0.9"
-
-
-def bare_unit(worker, u: int) -> None:
-    """The teacher forward alone: CacheWorker's own loop without the host copy and the write."""
-    for _ in worker.forward(u):
-        pass
 
 
 def disk_write_mb_s(folder: Path, mb: int, streams: int = 1) -> float:
@@ -78,14 +69,11 @@ def writers_alone(ctx: Context, store, w, n: int) -> tuple[float, float]:
             for key, a in w.slots.arrays[slot].items():
                 np.copyto(slots.arrays[i][key], a)
         w.slots.release(slot)
-
-        def rows(u: int) -> int:
-            lo, hi = lay.unit_range(u)
-            return hi - lo
+        rows = [hi - lo for lo, hi in map(lay.unit_range, range(lay.units))]
 
         def write(count: int) -> None:
             for start in range(0, count, lay.units):  # rounds of distinct units: a unit is never written twice at once
-                futures = [pool.submit(u, slots.acquire(), rows(u)) for u in range(min(lay.units, count - start))]
+                futures = [pool.submit(u, slots.acquire(), rows[u]) for u in range(min(lay.units, count - start))]
                 for f in futures:
                     pool.result(f)
         write(n)  # warm-up: each writer's first unit (zarr and Blosc set-up)
@@ -119,6 +107,7 @@ def one_teacher(ctx: Context, role: str, folder: Path, disk: float) -> dict:
     finally:
         w.close()
         shutil.rmtree(store.path, ignore_errors=True)
+        free_device_memory(ctx.p.device)
 
 
 def measure(ctx: Context, store, w, disk: float) -> dict:
@@ -129,9 +118,10 @@ def measure(ctx: Context, store, w, disk: float) -> dict:
     def inputs(us: list[int]) -> int:
         return sum(hi - lo for lo, hi in map(lay.unit_range, us)) * lay.views
 
-    def bare(us: list[int]) -> None:
+    def bare(us: list[int]) -> None:  # the teacher forward alone: the worker's loop without the host copy and write
         for u in us:
-            bare_unit(w, u)
+            for _ in w.forward(u):
+                pass
 
     def cache(us: list[int]) -> None:
         for u in us:
@@ -175,7 +165,6 @@ def measure(ctx: Context, store, w, disk: float) -> dict:
 
 def run(ctx: Context, store_dir: str = "") -> dict:
     """The cache line; `store_dir` (default: the profile's; e.g. /dev/shm) holds the bench's stores."""
-    import tempfile
     p, store_dir = ctx.p, store_dir or ctx.p.store_dir
     with tempfile.TemporaryDirectory(prefix="hakd-bench-", dir=store_dir or ctx.dir) as tmp:
         folder = Path(tmp)
@@ -183,19 +172,16 @@ def run(ctx: Context, store_dir: str = "") -> dict:
         streams = max(2, cores() - 1)  # as many as auto writers on a one-GPU node
         parallel = disk_write_mb_s(folder, p.disk_probe_mb, streams)
         log(f"disk: {disk:.0f} MB/s as one fsynced stream into {folder}; {parallel:.0f} MB/s as {streams}")
-        rows = {}
-        for role in ROLES:
-            rows[role] = one_teacher(ctx, role, folder, disk)
-            free_device_memory(p.device)
+        rows = [one_teacher(ctx, role, folder, disk) for role in ROLES]
     c = ctx.cfg.cache
     line = {**header("cache", p), "disk_write_mb_s": sig(disk), "disk_parallel_write_mb_s": sig(parallel),
             "disk_streams": streams,
-            "teachers": {r["teacher"]: {k: v for k, v in r.items() if k != "teacher"} for r in rows.values()},
+            "teachers": {r["teacher"]: {k: v for k, v in r.items() if k != "teacher"} for r in rows},
             "params": {"images": p.cache_images or p.n_images, "views": p.views, "image_size": p.image_size,
                        "batch": p.cache_batch, "shard_size": p.shard_size, "chunk_size": p.chunk_size,
                        "codec": c.codec, "codec_overrides": c.codec_overrides, "shuffle": c.shuffle, "clevel": c.clevel,
                        "feature_codec": c.feature_codec, "writers": c.writers, "store_dir": store_dir or "tmp",
                        "amp_bf16": p.device == "cuda", "repeats": p.cache_repeats or p.repeats}}
     target = {"compute": "steady_ratio", "disk": "steady_over_disk"}
-    return judge(line, {f"teachers.{r['teacher']}.{target[r['bound']]}": TARGET for r in rows.values()
+    return judge(line, {f"teachers.{r['teacher']}.{target[r['bound']]}": TARGET for r in rows
                         if r["steady_valid"]})

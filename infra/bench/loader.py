@@ -1,18 +1,16 @@
-"""bench loader: samples/s of the FFCV StudentLoader from the page cache and from the disk, against what the
-student step consumes.
+"""bench loader: samples/s of the FFCV StudentLoader from the page cache and from the disk, against the student
+step and a torch DataLoader over the Zarr store.
 
 Whole epochs of what the trainer consumes (image, label, index, view, the ViT's cached tokens), each batch handed
 to the device. `cold`: each epoch after the packed file's pages are dropped from the page cache (FFCV's map of the
-file released with madvise(MADV_DONTNEED): mapped pages are never dropped; then fsync and posix_fadvise(
-POSIX_FADV_DONTNEED), which needs no root for clean pages). `resident_before`: the largest fraction of the file's
-pages still cached before a cold epoch, by mincore(2) on a fresh map (which brings no page in); `valid` while under
-5% (a kernel that ignores the advice, as gVisor may, shows here). `warm`: the epoch after each, from memory
-(`ffcv_samples_s`, against `student_samples_s`, this machine's KD step with resident teacher tensors). MB/s count
-the rows read. `kd_step_needs_mb_s`: the rows' bytes per second the compiled KD step consumes on a GPU (this run's
-train bench there, else the newest GPU results file under --results); `cold_over_kd_step` divides by it.
-`ratio`: the warm rate over a torch DataLoader's whole epochs over the Zarr store (same rows, batch, workers and
-view order; after one epoch that starts its workers), read sample by sample as a map-style Dataset reads: each
-read decodes the chunk holding the sample, the cost the packed file removes.
+file released with madvise(MADV_DONTNEED), as mapped pages are never dropped; then fsync and posix_fadvise(
+POSIX_FADV_DONTNEED), no root needed). `resident_before`: the largest fraction of the file's pages still cached
+before a cold epoch, by mincore(2) on a fresh map; `valid` while under 5% (a kernel that ignores the advice, as
+gVisor may, shows here). `warm`: the epoch after each (`ffcv_samples_s`, against `student_samples_s` from the train
+bench). MB/s count the rows read. `cold_over_kd_step`: the cold rate over the rows' MB/s the compiled KD step
+consumes on a GPU (`kd_step_needs_mb_s`: this run's train bench there, else the newest GPU file under --results).
+`ratio`: the warm rate over a torch DataLoader's (same rows, batch, workers and view order), which reads sample by
+sample as a map-style Dataset does, each read decoding the chunk that holds it: the cost the packed file removes.
 """
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ class ZarrRows(torch.utils.data.Dataset):
     """Row image * K + view of a cache store, read on demand (each worker opens its own handles)."""
 
     def __init__(self, path: str, layer: str, n: int, views: int):
-        self.path, self.layer, self.n, self.views = path, layer, n, views
+        self.path, self.names, self.n, self.views = path, ("images", "labels", "views", f"features/{layer}"), n, views
         self.arrays = None
 
     def __len__(self) -> int:
@@ -44,13 +42,12 @@ class ZarrRows(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> dict:
         if self.arrays is None:
             import zarr
-            g = zarr.open_group(self.path, mode="r")
-            self.arrays = {name: g[name] for name in ("images", "labels", "views", f"features/{self.layer}")}
+            group = zarr.open_group(self.path, mode="r")
+            self.arrays = [group[name] for name in self.names]
+        images, labels, views, features = self.arrays
         i, v = divmod(int(row), self.views)
-        a = self.arrays
-        return {"image": torch.from_numpy(a["images"][i]), "label": int(a["labels"][i]), "index": i,
-                "view": torch.from_numpy(a["views"][i, v]),
-                "feature": torch.from_numpy(a[f"features/{self.layer}"][i, v])}
+        return {"image": torch.from_numpy(images[i]), "label": int(labels[i]), "index": i,
+                "view": torch.from_numpy(views[i, v]), "feature": torch.from_numpy(features[i, v])}
 
 
 def resident(path: Path) -> float:

@@ -1,12 +1,12 @@
 """Run the benchmarks: `hakd bench [--results DIR] WHAT [key=value ...]`.
 
-WHAT is one benchmark, `all`, or a comma-separated list, run in the order of BENCHES in one context (one bench
-cache), each printing one JSON line on stdout (progress on stderr). DIR/<device>-<profile>-<date>-<commit>.json
-(default DIR: ./bench-results) is rewritten around every benchmark, those still to run marked unfinished, so a run
-stopped midway keeps what it measured and says what it did not; a later run at the same commit and day adds to it.
-A failing benchmark is one line {"error": ...} (its traceback on stderr), the others still run, exit status 1.
-`key=value` overrides fields of the machine's profile (infra/bench/profiles.py); `profile=cpu|gpu|tiny` and
-`device=cpu|cuda` pick them (default: the GPU profile when torch sees a GPU).
+WHAT is one benchmark, `all`, or a comma-separated list (loader brings train, whose figure it is judged by), run
+in the order of BENCHES in one context (one bench cache), each printing one JSON line on stdout (progress on
+stderr). DIR/<device>-<profile>-<date>-<commit>.json (default DIR: ./bench-results) is rewritten around every
+benchmark, those still to run marked unfinished, so a run stopped midway keeps what it measured and says what it
+did not; a later run at the same commit and day adds to it. A failing benchmark is one line {"error": ...} (its
+traceback on stderr), the others still run, exit status 1. `key=value` overrides fields of the machine's profile
+(infra/bench/profiles.py); `profile=cpu|gpu|tiny` and `device=cpu|cuda` pick them (default: gpu if torch sees one).
 """
 from __future__ import annotations
 
