@@ -11,7 +11,7 @@ from infra.errors import UserError
 
 @dataclass
 class Profile:
-    name: str
+    name: str = "cpu"             # cpu | gpu | tiny (PROFILES)
     device: str = "cpu"            # cpu | cuda
     vit: str = "vit_demo"          # teacher_vit (ViT: its last-block input is cached, the block runs live)
     cnn: str = "wrn_demo"          # teacher_cnn
@@ -74,30 +74,26 @@ def cores() -> int:
 
 def resolve_profile(overrides: list[str] = ()) -> Profile:
     """The profile `profile=cpu|gpu|tiny` names (default: gpu where torch sees a GPU, else cpu) on `device=cpu|cuda`,
-    with the other `key=value` overrides of its fields."""
+    with the other `key=value` overrides of its fields, typed and checked as config overrides are."""
     import torch
-    import yaml
-    picks = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("profile", "device")}
-    device = picks.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    from infra.config_parse import build, merge, parse_override
+    data: dict = {}
+    for o in overrides:
+        data = merge(data, parse_override(o))
+    device = data.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") or device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"bench: device={device}: choose cpu{' or cuda' if torch.cuda.is_available() else ''}")
-    name = picks.get("profile", "gpu" if device == "cuda" else "cpu")
-    if name not in PROFILES:
-        raise UserError(f"unknown bench profile {name!r}; choose one of {', '.join(PROFILES)}")
-    p = dataclasses.replace(PROFILES[name], device=device)
+    name = data.pop("profile", "gpu" if device == "cuda" else "cpu")
+    if name not in PROFILES or "name" in data:
+        raise UserError(f"unknown bench profile {data.get('name', name)!r}; choose one of {', '.join(PROFILES)} with "
+                        f"profile=NAME")
+    fields = dataclasses.asdict(PROFILES[name])
     if device == "cpu":
-        p = dataclasses.replace(p, amp=False, channels_last=False)
-    fields = [f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "device")]
-    for o in (o for o in overrides if o.partition("=")[0] not in ("profile", "device")):
-        key, sep, raw = o.partition("=")
-        if not sep or key not in fields:
-            raise UserError(f"bench override {o!r}: expected key=value with key one of {', '.join(fields)}, "
-                            f"or profile=cpu|gpu|tiny, device=cpu|cuda")
-        value, want = yaml.safe_load(raw) if raw else "", type(getattr(p, key))
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if not ok or (want is int and value < (0 if key in ZERO_OK else 1)):
-            raise UserError(f"bench override {o!r}: {key} takes a {'positive ' if want is int else ''}{want.__name__}")
-        p = dataclasses.replace(p, **{key: value})
+        fields.update(amp=False, channels_last=False)
+    p = build(Profile, {**fields, **data, "device": device})
+    for key, value in dataclasses.asdict(p).items():
+        if type(value) is int and value < (0 if key in ZERO_OK else 1):
+            raise UserError(f"bench override {key}={value}: {key} takes an integer >= {0 if key in ZERO_OK else 1}")
     if p.shard_size % p.chunk_size or p.n_images < p.train_batch * 2 or p.views < 2:
         raise UserError(f"bench profile {p.name}: need chunk_size | shard_size, n_images >= 2 * train_batch, "
                         f"views >= 2 (got {p.chunk_size}, {p.shard_size}, {p.n_images}, {p.train_batch}, {p.views})")
