@@ -179,8 +179,7 @@ class Context:
                               len(self.data()["labels"]))
 
     def worker(self, role: str, store=None, data: dict | None = None):
-        """The real CacheWorker (in this process: no Ray) on the profile's device, over `store` and `data`
-        (default: the context's store of `role` and images)."""
+        """The real CacheWorker (in this process: no Ray) over `store` and `data` (default: the context's)."""
         from teacher_cache.worker import CacheWorker, WorkerSetup
         store, d = store or self.store(role), data or self.data()
         setup = WorkerSetup(self.cfg.to_dict(), role, str(self.out), str(store.path), self.p.device, self.threads)

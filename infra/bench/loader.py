@@ -65,8 +65,7 @@ def resident(path: Path) -> float:
 
 
 def drop_pages(path: Path, maps=()) -> float:
-    """Drop the file's pages from the page cache, first releasing `maps` (np.memmaps of it); the fraction still
-    resident."""
+    """Drop the file's pages from the page cache, releasing `maps` (its np.memmaps) first; the fraction left."""
     for m in maps:
         m._mmap.madvise(mmap.MADV_DONTNEED)
     fd = os.open(path, os.O_RDONLY)
@@ -79,8 +78,7 @@ def drop_pages(path: Path, maps=()) -> float:
 
 
 def epoch_rate(loader, key: str, dev: str, epoch: int | None = None) -> float:
-    """Samples/s of one whole epoch of `loader` (a StudentLoader set to `epoch`, or a torch DataLoader), each batch
-    handed to the device."""
+    """Samples/s of one whole epoch (of a StudentLoader, set to `epoch`), each batch handed to the device."""
     if epoch is not None:
         loader.set_epoch(epoch)
     seen = [0]
