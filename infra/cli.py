@@ -1,4 +1,4 @@
-"""The `hakd` command line: cache, train, analyze, run (all three), verify, bench.
+"""The `hakd` command line: cache, train, analyze, run (all three), verify, compare, bench.
 
 Every subcommand takes --config PATH (default: the embedded demo), --out DIR (default runs/demo)
 and trailing key.sub=value overrides. Bad input exits with status 2 and a message naming the
@@ -37,19 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cache", help="fit the teachers and cache their features over K views (Ray -> Zarr)")
     _common(p)
-    p.add_argument("--dry-run", action="store_true", help="print the storage the cache will take, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the disk the run will take (stores, packed file, teachers), then stop")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     _common(sub.add_parser("train", help="pack the caches into FFCV and train the students"))
     _common(sub.add_parser("analyze", help="evaluate every model and write the report (Ray)"))
     _common(sub.add_parser("run", help="cache, train and analyze in order"))
+    p = sub.add_parser("verify", help="check a cache store (or every store under --out): completeness, "
+                                      "shapes, NaN/Inf, per-shard checksums")
+    p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
+    p.add_argument("--out", default=DEFAULT_OUT)
     p = sub.add_parser("compare", help="the same models in two finished runs: each measure's difference over "
                                        "the seeds and its Welch 95%% interval")
     p.add_argument("runs", nargs=2, metavar="OUT", help="two finished runs' --out directories (A, then B)")
     p.add_argument("--models", nargs="*", help="models to compare (default: every model in both reports)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
-    p = sub.add_parser("verify", help="check a cache store (or every store under --out): completeness, "
-                                      "shapes, NaN/Inf, per-shard checksums")
-    p.add_argument("stores", nargs="*", help="store paths (default: OUT/cache/*.zarr)")
-    p.add_argument("--out", default=DEFAULT_OUT)
     from infra.bench.run import add_arguments
     add_arguments(sub.add_parser("bench", help="benchmarks; each prints one JSON line and the results go to a file"))
     return parser
@@ -127,9 +129,10 @@ def _verify(args) -> int:
 
 
 def _dry_run(args) -> int:
-    from teacher_cache.sizing import size_report
+    from teacher_cache.sizing import disk_plan, render
     cfg = load_config(args.config, args.overrides)
-    print(size_report(cfg))
+    plan = disk_plan(cfg)
+    print(json.dumps(plan) if args.json else render(plan, cfg))
     return 0
 
 
