@@ -122,10 +122,8 @@ def ffcv_rates(ctx: Context) -> tuple[dict, dict]:
             warm.append(epoch_rate(loader, field, p.device, 2 + 2 * r))
     finally:
         torch.set_num_threads(ctx.threads)  # FFCV set it to its worker count
-    figures = {}
-    for name, runs in (("cold", cold), ("warm", warm)):
-        rate = median(runs)
-        figures[name] = {"samples_s": sig(rate), "mb_s": sig(rate * row_bytes / 1e6)}
+    figures = {name: {"samples_s": sig(median(runs)), "mb_s": sig(median(runs) * row_bytes / 1e6)}
+               for name, runs in (("cold", cold), ("warm", warm))}
     figures["cold"].update(resident_before=sig(max(before)), valid=max(before) < 0.05)
     log(f"loader: cold {figures['cold']}, warm {figures['warm']}")
     return figures, {"row_kib": sig(row_bytes / 1024), "file_mb": sig(os.path.getsize(beton) / 1e6)}

@@ -121,7 +121,6 @@ def run(ctx: Context) -> dict:
     threads, configured = ctx.threads, s.t.pca_qkv
     kinds = {"plain_step_s": s.resident(s.model("student_independent")),
              "resident_kd_step_s": s.resident(s.model("student_kd_vit"))}
-    live_comp = None
     if s.on_gpu:
         live_comp = copy.deepcopy(s.live)
         live_comp.compile()
