@@ -163,6 +163,8 @@ def mean_tree(trees: list):
     if isinstance(first, bool) or not isinstance(first, (int, float)) and first is not None:
         return first
     a = _finite(trees)
+    if len(a) and a.min() == a.max():  # an axis (radius, fraction, eps) or a value every run agrees on: kept exact,
+        return float(a[0])             # since the mean of equal floats can differ from them in the last bit
     return float(a.mean()) if len(a) else None
 
 

@@ -113,3 +113,16 @@ def test_occlusion_area_is_the_mean_accuracy_over_the_curve():
     shuffled = {"fraction": [0.3, 0.0, 0.9, 0.1], "accuracy": [0.4, 0.9, 0.1, 0.8]}
     assert occlusion_area(shuffled) == pytest.approx(0.355 / 0.9)
     assert occlusion_area({"fraction": [0.4], "accuracy": [0.6]}) == pytest.approx(0.6)
+
+
+def test_mean_tree_keeps_values_every_run_agrees_on_exact():
+    """The mean of three equal floats can differ from them in the last bit (0.05 -> 0.05000000000000001), which
+    split a curve table's columns by radius; an axis that every run shares is kept as it is."""
+    import numpy as np
+    from analysis.stats import mean_tree
+    radii = [0.05, 0.1, 0.7]
+    assert np.mean([0.05, 0.05, 0.05]) != 0.05 or np.mean([0.7, 0.7, 0.7]) != 0.7  # the rounding this guards
+    merged = mean_tree([{"radius": radii, "low": [0.1, 0.2, 0.3]}, {"radius": radii, "low": [0.3, 0.2, 0.5]},
+                        {"radius": radii, "low": [0.2, 0.2, 0.4]}])
+    assert merged["radius"] == radii
+    assert merged["low"][0] == pytest.approx(0.2) and merged["low"][1] == 0.2
