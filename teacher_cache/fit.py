@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -71,7 +72,20 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
 
 
 def fit_teacher(cfg: Config, role: str, out: Path | str, device="cpu") -> dict:
-    """Fit (or load) the teacher of `role` and save it under `out` (a path or a URL); returns {"accuracy": ..., "mode": ...}."""
+    """Fit (or load) the teacher of `role` and save it under `out` (a path or a URL); returns {"accuracy": ..., "mode": ...}.
+
+    On the CPU the fit runs on as many torch threads as the process has cores, whatever the process set before
+    (importing ffcv sets 1): a sum split over another number of threads rounds differently, and a refit of a
+    damaged teacher file must give the weights its store was written with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        return _fit(cfg, role, out, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg: Config, role: str, out: Path | str, device) -> dict:
     tc: TeacherConfig = getattr(cfg, role)
     torch.manual_seed(cfg.seed)  # the fresh weights (demo init, new head) must not depend on earlier RNG use
     teacher = build_teacher(cfg, role)

@@ -61,7 +61,8 @@ def test_damaged_teacher_file_is_refit_and_its_store_kept(run_copy, capsys):
              if "wrn_demo.zarr" in str(p) and "/units/" not in str(p) and p.name != "zarr.json"}
     truncate(pt)
     assert main(["cache", "--out", str(run_copy), *TINY]) == 0
-    assert "teacher_vit: 0 of 4 units written; teacher_cnn: 0 of 4 units written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "teacher_vit: 0 of 4 units written" in out and "teacher_cnn: 0 of 4 units written" in out
     assert loads_tensors(pt)
     after = files(run_copy / "cache")
     assert all(after[p] == s for p, s in store.items())  # the deterministic refit matches the store: no shard rewritten
