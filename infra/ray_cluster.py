@@ -15,8 +15,8 @@ agent and idle workers running when it is killed with SIGKILL. So the local clus
 session: the watchdog is a child subreaper, so every Ray process stays its descendant even once
 orphaned, and when process PID is gone, however it ended, it stops the cluster and kills whatever
 is left within a few seconds, Python's resource trackers last so that they unlink the semaphores of the
-processes they served (which is also why Ray's own killing of a dead worker's children is turned off in
-this cluster). A new session also keeps Ctrl-C in the terminal away from Ray: the
+processes they served (which is also why Ray's own killing of a dead worker's children and process group
+is turned off in this cluster). A new session also keeps Ctrl-C in the terminal away from Ray: the
 command handles it and exits, then the watchdog stops the cluster.
 """
 from __future__ import annotations
@@ -88,10 +88,12 @@ def start_local_cluster(rc: RayConfig) -> str:
         cmd.append(f"--num-cpus={rc.num_cpus}")
     log = open(Path(temp_dir) / "hakd-ray.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # Ray kills a dead worker's child processes, Python's resource trackers among them, before they unlink the
-    # named semaphores of a killed actor's writer pool: each kill -9 of `hakd cache` left about six files in
-    # /dev/shm. The watchdog stops every descendant at the end anyway, trackers last.
+    # Ray kills a dead worker's children (its direct ones, and by default its whole process group), Python's
+    # resource trackers among them, before they unlink the named semaphores of a killed actor's writer pool:
+    # a kill -9 of `hakd cache` left five or six files in /dev/shm whenever the raylet saw the actor die before
+    # the watchdog stopped it. The watchdog stops every descendant at the end anyway, trackers last.
     env.setdefault("RAY_kill_child_processes_on_worker_exit", "0")
+    env.setdefault("RAY_process_group_cleanup_enabled", "0")
     watchdog = subprocess.Popen([sys.executable, "-m", "infra.ray_cluster", str(os.getpid()), *cmd],
                                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

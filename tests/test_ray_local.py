@@ -1,5 +1,7 @@
 """The local Ray cluster that `hakd` starts: what it listens on, that it asks every caller for the
-token, and that none of it outlives a `hakd analyze` killed with SIGKILL (infra/ray_cluster.py)."""
+token, that none of it outlives a `hakd analyze` killed with SIGKILL, and that a killed actor's named semaphores
+are unlinked (infra/ray_cluster.py)."""
+import json
 import os
 import shutil
 import signal
@@ -104,3 +106,54 @@ def test_local_ray_requires_the_token_and_dies_with_a_killed_analyze(analyze_aga
         if cli.poll() is None:
             cli.kill()
         log.close()
+
+
+KILLED_ACTOR = r"""
+import json, os, time
+import psutil, ray
+from infra.config import RayConfig
+from infra.ray_cluster import ensure_ray
+ensure_ray(RayConfig())
+
+@ray.remote
+class PoolOwner:  # what a cache actor holds: a spawn process pool, whose queues are named semaphores
+    def start(self):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        self.pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        self.pool.submit(os.getpid).result()
+        return os.getpid()
+
+owner = PoolOwner.remote()
+pid = ray.get(owner.start.remote())
+ray.kill(owner)  # the raylet sees this actor die while the cluster still runs
+while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    time.sleep(0.1)
+time.sleep(1)
+print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]))
+"""
+
+
+def _semaphores() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+def test_a_killed_actors_named_semaphores_are_unlinked_when_the_cluster_stops():
+    """An actor killed while its cluster runs (what the raylet sees when a `hakd cache` driver is killed, if it
+    is quicker than the watchdog) leaves its pool's named semaphores to Python's resource tracker, which must
+    outlive it: Ray's default process-group cleanup killed the tracker with the actor and left them in
+    /dev/shm (tests/test_cache_kill.py failed that way in about half the full-suite runs)."""
+    before = _semaphores()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    res = subprocess.run([sys.executable, "-c", KILLED_ACTOR], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cluster = []
+    for pid in json.loads(res.stdout.strip().splitlines()[-1]):
+        try:
+            cluster.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(cluster, timeout=60)  # the watchdog stops the cluster once the driver is gone
+    assert not alive, _names(alive)
+    assert not _semaphores() - before, sorted(_semaphores() - before)
