@@ -40,8 +40,9 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     shard-aligned unit at a time (only the pooled vectors are kept). Coded features are decoded first, as the
     student's loader decodes them: int8 with its per-token scales, PCA codes with the store's basis."""
     from infra.codec_spec import parse_feature_codec
-    from teacher_cache.basis import PARAMS as BASIS, check_basis, decode
-    from teacher_cache.codecs import dequantize, token_axis
+    from teacher_cache.basis import decode
+    from teacher_cache.basis_fit import store_basis
+    from teacher_cache.codecs import dequantize
     from teacher_cache.store import CacheStore
     store = CacheStore.open(path)
     layout = store.layout
@@ -50,8 +51,7 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     features = store.array(f"features/{layer}")
     scales = store.array(f"scales/{layer}") if codec.kind != "float16" else None
     if codec.kind == "pca":
-        basis = [torch.from_numpy(a) for a in check_basis(store.read_params(BASIS), layer,
-                                                          shape[ndim + token_axis(ndim)], layout.ranks[layer])]
+        basis = [torch.from_numpy(a) for a in store_basis(store, layer)]
     pooled = []
     for u in range(layout.units):
         lo, hi = layout.unit_range(u)

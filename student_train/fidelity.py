@@ -31,9 +31,9 @@ from infra.errors import UserError
 from student_train.losses import KDObjective
 from student_train.students import Student
 from student_train.trainer import OBJECTIVE_KEYS, LastBlockTargets
-from teacher_cache.basis import PARAMS as BASIS, check_basis, decode, encode
-from teacher_cache.basis_fit import sample_pairs, teacher_features
-from teacher_cache.codecs import dequantize, quantize, token_axis
+from teacher_cache.basis import decode, encode
+from teacher_cache.basis_fit import sample_pairs, store_basis, teacher_features
+from teacher_cache.codecs import dequantize, quantize
 from teacher_cache.fit import load_fitted
 from teacher_cache.paths import storage_root, store_path
 from teacher_cache.store import CacheStore
@@ -64,9 +64,7 @@ def round_trip(store: CacheStore, layer: str, exact: torch.Tensor) -> torch.Tens
         return exact
     if codec.kind == "int8":
         return dequantize(*quantize(exact, ndim), ndim)
-    shape = lay.layers[layer]
-    mean, comps = (torch.from_numpy(a).to(exact.device) for a in check_basis(
-        store.read_params(BASIS), layer, shape[len(shape) + token_axis(len(shape))], lay.ranks[layer]))
+    mean, comps = (torch.from_numpy(a).to(exact.device) for a in store_basis(store, layer))
     return decode(*encode(exact, mean, comps, ndim, codec.bits), mean, comps, ndim, codec.bits)
 
 

@@ -89,6 +89,16 @@ def ensure_basis(store: CacheStore, teacher, images: np.ndarray, views: np.ndarr
     store.update_attrs(basis=info)
 
 
+def store_basis(store: CacheStore, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, components) of `layer` from a pca store's basis group, checked against the layer's shape and rank."""
+    shape = store.layout.layers[layer]
+    try:
+        return check_basis(store.read_params(PARAMS), layer, shape[len(shape) + token_axis(len(shape))],
+                           store.layout.ranks[layer])
+    except ValueError as e:
+        raise StoreError(f"cache store {store.path}: {e}; re-run `hakd cache --overwrite`") from None
+
+
 def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Tensor:
     """features/<layer> of samples `rows` (a slice or index array) at `view` as float16, decoded as the student
     step decodes them: whatever the store's codec, the features a student learns from."""
@@ -100,9 +110,5 @@ def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Ten
     scale = torch.from_numpy(store.array(f"scales/{layer}")[rows, view])
     if codec.kind == "int8":
         return dequantize(x, scale, len(shape))
-    try:
-        mean, comps = check_basis(store.read_params(PARAMS), layer, shape[len(shape) + token_axis(len(shape))],
-                                  lay.ranks[layer])
-    except ValueError as e:
-        raise StoreError(f"cache store {store.path}: {e}; re-run `hakd cache --overwrite`") from None
+    mean, comps = store_basis(store, layer)
     return decode(x, scale, torch.from_numpy(mean), torch.from_numpy(comps), len(shape), codec.bits)

@@ -16,8 +16,9 @@ import torch
 from infra import storage
 from infra.config import config_from_dict
 from infra.codec_spec import parse_feature_codec
-from teacher_cache.basis import PARAMS as BASIS, check_basis, encode
-from teacher_cache.codecs import quantize, token_axis
+from teacher_cache.basis import encode
+from teacher_cache.basis_fit import store_basis
+from teacher_cache.codecs import quantize
 from teacher_cache.fit import cached_layers, load_fitted
 from teacher_cache.paths import storage_root
 from teacher_cache.store import CacheStore, StoreError
@@ -120,13 +121,9 @@ class CacheWorker:
 
     def _basis(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (mean, components) on the device, from the store's basis group (written before any unit)."""
-        lay, params = self.store.layout, self.store.read_params(BASIS)
         out = {}
-        for name, shape in lay.layers.items():
-            try:
-                mean, comps = check_basis(params, name, shape[len(shape) + token_axis(len(shape))], lay.ranks[name])
-            except ValueError as e:
-                raise StoreError(f"cache store {self.store.path}: {e}; re-run `hakd cache --overwrite`") from None
+        for name in self.store.layout.layers:
+            mean, comps = store_basis(self.store, name)
             out[name] = (torch.from_numpy(mean).to(self.device), torch.from_numpy(comps).to(self.device))
         return out
 
