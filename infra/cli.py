@@ -52,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs=2, metavar="OUT", help="two finished runs' --out directories (A, then B)")
     p.add_argument("--models", nargs="*", help="models to compare (default: every model in both reports)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
-    from infra.bench.run import add_arguments
-    add_arguments(sub.add_parser("bench", help="benchmarks; each prints one JSON line and the results go to a file"))
+    from infra.bench.run import BENCHES, DEFAULT_RESULTS
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON line and the results go to a file")
+    p.add_argument("what", help=f"one of {', '.join(BENCHES)}, all, or several, comma-separated (cache,train)")
+    p.add_argument("--results", default=DEFAULT_RESULTS,
+                   help=f"folder of the results file (default: ./{DEFAULT_RESULTS})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="profile fields (infra/bench/profiles.py), profile=cpu|gpu|tiny, device=cpu|cuda")
     return parser
 
 

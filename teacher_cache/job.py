@@ -112,6 +112,22 @@ def written_for(path: Path, ident: dict) -> bool:
     return True
 
 
+def prepare_store(cfg: Config, path: Path | str, teacher, layout: Layout, ident: dict, images, views, device: str,
+                  replace: bool = False) -> CacheStore:
+    """The store at `path` opened, created or (`replace`) recreated, with all but its units: a pca codec's basis
+    (fitted on `images` and their `views` when the store is new) and a ViT's live block."""
+    fitted = None
+    if layout.ranks and (replace or not storage.exists(path)):  # a new pca store: its ranks come from the fit
+        layout, *fitted = fit_layout_basis(layout, teacher, images, views, cfg.data.seed, device)
+    vit = teacher.spec.kind == "vit"
+    params = (("live_block",) if vit else ()) + ((BASIS,) if layout.ranks else ())
+    store = open_store(cfg, path, layout, ident, provenance(cfg), params=params, overwrite=replace)
+    ensure_basis(store, teacher, images, views, cfg.data.seed, device, fitted)
+    if vit and store.param_problems("live_block"):  # never written, or a run died while writing it
+        store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
+    return store
+
+
 def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dict:
     """Fit both teachers and write both stores; returns a summary per role."""
     import ray
@@ -139,21 +155,13 @@ def run_cache(cfg: Config, out: Path, overwrite: bool = False, log=print) -> dic
         info = ensure_teacher(cfg, role, out, device if torch.cuda.is_available() else "cpu")
         teacher = load_fitted(cfg, role, storage_root(out, cfg))
         layout = plan(cfg, role, len(train["labels"]), teacher)
-        vit = teacher.spec.kind == "vit"
         ident = identity(cfg, role, teacher, layout, data_fp)
         # --overwrite replaces a store written for another identity; one for this identity is kept and resumed
         if storage.exists(path):  # writers of a run killed moments ago may still be finishing a unit
             wait_for_other_writers(str(path))
-        replace = overwrite and not written_for(path, ident)
-        fit_device = device if torch.cuda.is_available() else "cpu"
-        fitted = None
-        if layout.ranks and (replace or not storage.exists(path)):  # a new pca store: its ranks come from the fit
-            layout, *fitted = fit_layout_basis(layout, teacher, train["images"], views, cfg.data.seed, fit_device)
-        params = (("live_block",) if vit else ()) + ((BASIS,) if layout.ranks else ())
-        store = open_store(cfg, path, layout, ident, provenance(cfg), params=params, overwrite=replace)
-        ensure_basis(store, teacher, train["images"], views, cfg.data.seed, fit_device, fitted)
-        if vit and store.param_problems("live_block"):  # never written, or a run died while writing it
-            store.write_params("live_block", {k: v.numpy() for k, v in teacher.net.blocks[-1].state_dict().items()})
+        store = prepare_store(cfg, path, teacher, layout, ident, train["images"], views,
+                              device if torch.cuda.is_available() else "cpu",
+                              replace=overwrite and not written_for(path, ident))
         store.mark_pending(store.bad_units())  # repair: damaged shards are rewritten
         todo = store.pending_units()
         nodes, rate = [], None

@@ -2,19 +2,13 @@
 and (on CPUs) the gain of 2 Ray workers over 1.
 
 Rates: the real `analysis.evaluate.run_measure` with the measure settings of infra/configs/paper_cifar10.yaml, on
-the profile's ViT, CNN and student with random weights and `analyze_test_size` synthetic test images at its image
-size, in the precision `hakd analyze` uses there (bf16 where the measure allows, on GPU); each measure once on a
-small slice first (lazy set-up, cuDNN autotuning), then timed on all images. A rate counts test images of the whole
-measure (all its filtered, occluded or attacked passes; for the student's CKA and GradCAM, the ViT teacher's
-forwards too). `projected_s` divides the images each task of the paper config sees on CIFAR-10's 10,000 test
-images (clean and occluded) by these rates, for the two teachers and three students. Past `analyze_budget_s` no
-further measure starts; a model with a rate missing gets no projection.
-
-`speedup` (CPUs): wall time of the rate models' Fourier, occlusion and accuracy tasks (`run_task`, one thread each,
-as `hakd analyze` runs them without GPUs) with 1 Ray worker over 2, both warmed first, the settings alternating.
-`machine_speedup`, the same on pure CPU work, is what 2 workers can gain on the machine now: below 2 when it is
-shared with other jobs, and `speedup` cannot exceed it.
-"""
+the profile's ViT, CNN and student (random weights, `analyze_test_size` synthetic images) in the precision `hakd
+analyze` uses there; each measure warmed on a small slice, then timed on all images, counting the test images of
+the whole measure (all its passes; the ViT teacher's forwards too for the student's CKA and GradCAM).
+`projected_s`: the paper config's tasks over CIFAR-10's 10,000 test images (clean and occluded) at these rates,
+for the two teachers and three students. Past `analyze_budget_s` no measure starts; a model missing a rate gets
+no projection. `speedup` (CPUs): wall time of the Fourier, occlusion and accuracy tasks (`run_task`) with 1 Ray
+worker over 2, alternating; `machine_speedup`, the same on pure CPU work, bounds it on a shared machine."""
 from __future__ import annotations
 
 import contextlib

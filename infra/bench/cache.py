@@ -1,19 +1,15 @@
 """bench cache: the cache path's images/s against the bare teacher forward, and what limits it.
 
-The cache path is the real `CacheWorker` (in this process, no Ray): per shard-aligned unit, replay the views, run
-the teacher, bring the outputs to the host into shared memory and hand the unit to a writer process (Zarr shards,
-checksummed, fsynced) while the next unit is computed. The bare forward is the same loop stopping at the teacher's
-outputs on the device. "img/s" counts teacher inputs (image-views) over the bench's own stores of `cache_images`
-images (the context's, repeated, fresh views), removed once measured.
+The cache path is the real `CacheWorker` (in this process, no Ray): per unit, replay the views, run the teacher,
+copy its outputs to shared host memory and hand the unit to a writer process (Zarr shards, checksummed, fsynced)
+while the next unit is computed. The bare forward is the same loop stopping at the outputs on the device. img/s
+counts image-views over the bench's own stores of `cache_images` images (the context's, repeated, fresh views).
 
-`ratio` times one run over every unit (the fill and last writes, paid once per job, included). `steady_ratio`, the
-judged one, is the marginal rate: each path timed over half the units and over all, steady img/s = extra inputs /
-extra seconds, the median over `cache_repeats`; where the disk cannot take the bytes the bare forward would produce
-(`bound: "disk"`), `steady_over_disk` (steady_written_mb_s / disk_write_mb_s) is judged instead. Also: the disk's
-fsynced write rate (one stream, and `disk_streams` files at once, as the writers write), `bare_needs_mb_s`, and what
-the writer processes sustain alone on units already in memory (`writers_img_s`, `writers_mb_s`; `writers=N` sizes
-them): whether the disk, the writers or the rest of the pipeline sets the pace.
-"""
+Judged: `steady_ratio`, of the marginal rates (each path timed over half the units and over all: extra inputs /
+extra seconds, so fill and tail cancel; the median over `cache_repeats`), or, where the disk cannot take what the
+bare forward produces (`bound: "disk"`), `steady_over_disk` (steady_written_mb_s / disk_write_mb_s). Also `ratio`
+over one whole run, the disk's fsynced write rate (one stream, and `disk_streams` at once, as the writers write),
+and what the writer processes sustain alone on units already in memory (`writers_img_s`, `writers_mb_s`)."""
 from __future__ import annotations
 
 import os
@@ -26,8 +22,9 @@ from statistics import median
 
 import numpy as np
 
-from infra.bench.common import ROLES, Context, free_device_memory, header, judge, log, sig, timed
+from infra.bench.common import Context, free_device_memory, header, judge, log, sig, timed
 from infra.bench.profiles import cores
+from teacher_cache.job import ROLES
 from teacher_cache.shards import write_file
 
 TARGET = ">= 0.9"
@@ -100,7 +97,7 @@ def one_teacher(ctx: Context, role: str, folder: Path, disk: float) -> dict:
     n = p.cache_images or p.n_images
     data = {"images": np.resize(d["images"], (n, *d["images"].shape[1:])), "labels": np.resize(d["labels"], n),
             "views": sample_views(n, c.views, ctx.cfg.data.seed, c.crop_scale, c.crop_ratio, c.flip_prob)}
-    store = ctx.new_store(role, folder / "cache-bench" / f"{ctx.teacher(role).spec.name}.zarr", n, params=False)
+    store = ctx.new_store(role, folder / "cache-bench" / f"{ctx.teacher(role).spec.name}.zarr", n)
     w = ctx.worker(role, store, data)
     try:
         return measure(ctx, store, w, disk)

@@ -12,8 +12,9 @@ import timeit
 
 import numpy as np
 
-from infra.bench.common import ROLES, Context, header, log
+from infra.bench.common import Context, header, log
 from teacher_cache.codecs import SHUFFLES, blosc, parse_codec
+from teacher_cache.job import ROLES
 from teacher_cache.store import CacheStore
 
 SPECS = tuple(f"{c}:{sh}" for c in ("lz4", "zstd") for sh in SHUFFLES[1:])  # every codec and byte order

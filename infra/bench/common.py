@@ -13,9 +13,6 @@ from pathlib import Path
 
 from infra.bench.profiles import Profile, cores
 
-ROLES = ("teacher_vit", "teacher_cnn")
-
-
 def timed(fn, device: str) -> float:
     """Seconds `fn` takes, with the device synchronised before both readings of the clock."""
     import torch
@@ -142,6 +139,7 @@ class Context:
         """The randomly initialised, calibrated teacher of `role` (CPU, eval), saved as OUT/teachers/<role>.pt."""
         import torch
         from teacher_cache.fit import build_teacher, cached_layers
+        from teacher_cache.job import ROLES
         torch.manual_seed(1 + ROLES.index(role))
         t = build_teacher(self.cfg, role).eval()
         images = self.data()["images"][:self.p.calibration_images]
@@ -153,24 +151,13 @@ class Context:
         torch.save(t.state_dict(), self.out / "teachers" / f"{role}.pt")
         return t
 
-    def new_store(self, role: str, path: Path, n: int, params: bool = True):
+    def new_store(self, role: str, path: Path, n: int):
         """A store of `role` for `n` images at `path`, created as `hakd cache` creates it."""
-        from infra.provenance import provenance
-        from teacher_cache.basis_fit import ensure_basis, fit_layout_basis
-        from teacher_cache.job import identity, open_store, plan
+        from teacher_cache.job import identity, plan, prepare_store
         t, d = self.teacher(role), self.data()
         layout = plan(self.cfg, role, n, t)
-        vit = params and t.spec.kind == "vit"
-        fitted, seed = None, self.cfg.data.seed
-        if layout.ranks:  # a pca codec: its basis is fitted as `hakd cache` fits it (teacher_cache/basis_fit.py)
-            layout, *fitted = fit_layout_basis(layout, t, d["images"][:n], d["views"][:n], seed, self.p.device)
-        params = ("live_block",) * vit + ("basis",) * bool(layout.ranks)
-        store = open_store(self.cfg, path, layout, identity(self.cfg, role, t, layout, f"{d['fingerprint']} x{n}"),
-                           provenance(self.cfg), params=params, overwrite=True)
-        if vit:
-            store.write_params("live_block", {k: v.numpy() for k, v in t.net.blocks[-1].state_dict().items()})
-        ensure_basis(store, t, d["images"][:n], d["views"][:n], seed, self.p.device, fitted)
-        return store
+        return prepare_store(self.cfg, path, t, layout, identity(self.cfg, role, t, layout, f"{d['fingerprint']} x{n}"),
+                             d["images"][:n], d["views"][:n], self.p.device, replace=True)
 
     @functools.cache
     def store(self, role: str):

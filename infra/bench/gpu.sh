@@ -3,16 +3,13 @@
 #
 #   HAKD_COMMIT=<commit> bash infra/bench/gpu.sh [WHAT] [key=value ...]     # WHAT: default all (infra/bench/run.py)
 #
-# A machine without network gets its missing packages (zarr, numcodecs, ffcv, grad-cam, ...) as wheels and .deb
-# files for its Python in .whl/ (git-ignored: carry it along with the copied tree). Wheels are installed with
-# pip --no-index into /tmp/hakd-site, .deb files unpacked into /tmp/hakd-debs (never into /) with their library
-# folders put on LD_LIBRARY_PATH. A benchmark whose modules are still missing fails alone, naming the module.
-# grad-cam (analyze) publishes a source archive only: `pip wheel --no-deps grad-cam==1.5.7 -w .whl` builds its
-# wheel, and `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl ttach==0.0.3`
-# fetches its dependency, on a machine with network.
-# HAKD_COMMIT names the commit the tree was copied from (`git describe --always --dirty --abbrev=40` in the
-# checkout), since git on a copy names another one; every results file also records the source's digest.
-# The results file goes to $OUT where set (a device machine's folder that comes back), else ./bench-results.
+# Packages missing on a machine without network (zarr, numcodecs, ffcv, grad-cam, ...) come as wheels and .deb
+# files for its Python in .whl/ (git-ignored; carry it with the tree; grad-cam, a source archive only, needs
+# `pip wheel --no-deps grad-cam==1.5.7 -w .whl` on a machine with network, and ttach==0.0.3 beside it): wheels
+# go to /tmp/hakd-site (pip --no-index), .deb files are unpacked into /tmp/hakd-debs (never into /) with their
+# library folders on LD_LIBRARY_PATH. A benchmark whose modules are still missing fails alone, naming the module.
+# HAKD_COMMIT names the commit the tree was copied from (`git describe --always --dirty --abbrev=40`), since git
+# on a copy names another one. The results file goes to $OUT where set, else ./bench-results.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PYTHON:-python3}  # PYTHON=.venv/bin/python in a checkout with its own environment

@@ -2,20 +2,15 @@
 step and a torch DataLoader over the Zarr store.
 
 Whole epochs of what the trainer consumes (image, label, index, view, the ViT's cached tokens), each batch handed
-to the device. `cold`: each epoch after the packed file's pages are dropped from the page cache (FFCV's map of the
-file released with madvise(MADV_DONTNEED), as mapped pages are never dropped; then fsync and posix_fadvise(
-POSIX_FADV_DONTNEED), no root needed). `resident_before`: the largest fraction of the file's pages still cached
-before a cold epoch, by mincore(2) on a fresh map; `valid` while under 5% (a kernel that ignores the advice, as
-gVisor may, shows here). `warm`: the epoch after each (`ffcv_samples_s`, against `student_samples_s` from the train
-bench). MB/s count the rows read. `cold_over_kd_step`: the cold rate over the rows' MB/s the compiled KD step
-consumes on a GPU (`kd_step_needs_mb_s`: this run's train bench there, else the newest GPU file under --results).
-`ratio`: the warm rate over a torch DataLoader's (same rows, batch, workers and view order), which reads sample by
-sample as a map-style Dataset does, each read decoding the chunk that holds it: the cost the packed file removes.
-"""
+to the device. `cold`: each epoch after the packed file's pages are dropped (FFCV's map released with MADV_DONTNEED,
+then fsync and POSIX_FADV_DONTNEED, no root needed); `resident_before`, by mincore(2), must stay under 5% for
+`valid` (gVisor may ignore the advice). `warm`: the epoch after each (`ffcv_samples_s`, against the train bench's
+`student_samples_s`). `cold_over_kd_step`: cold MB/s over what the compiled KD step consumes on a GPU (this run's
+train bench there, else the newest clean GPU results under --results). `ratio`: warm over a torch DataLoader on
+the same rows, batch, workers and order, which reads and decodes a chunk per sample: the cost packing removes."""
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import sys
@@ -133,20 +128,15 @@ def kd_step_needs(ctx: Context, row_kib: float) -> tuple[float | None, str]:
     """MB/s of rows the compiled KD step consumes on a GPU, and where the figure comes from."""
     if "compiled_kd_samples_s" in ctx.memo:
         return ctx.memo["compiled_kd_samples_s"] * row_kib * 1024 / 1e6, "this run's train bench"
-    docs = []
-    for f in Path(ctx.results or ".").glob("*.json"):
-        doc = json.loads(f.read_text())
-        if doc.get("profile") == "gpu":
-            docs.append((doc.get("created", doc["date"]), f.name, doc["benches"]))
-    rate = row = None
-    for _, name, benches in sorted(docs, reverse=True):  # the newest figure of each
-        t, loader = benches.get("train", {}), benches.get("loader", {})
-        step = t.get("compiled_offline_kd_step_s") or t.get("compiled_kd_step_s")
-        rate = rate or (step and (t["params"]["batch"] / step, name))
-        row = row or loader.get("params", {}).get("row_kib")
-    if not (rate and row):
-        return None, f"no GPU results file under {ctx.results} with a compiled KD step and a loader row size"
-    return rate[0] * row * 1024 / 1e6, rate[1]
+    from infra.bench.table import latest
+    found = latest(sorted(Path(ctx.results or ".").glob("*.json")))  # the newest clean line per machine and bench
+    for (device, bench), (t, name) in sorted(found.items(), key=lambda kv: kv[1][0]["created"], reverse=True):
+        step = bench == "train" and t["profile"] == "gpu" and (t.get("compiled_offline_kd_step_s")
+                                                               or t.get("compiled_kd_step_s"))
+        row = found.get((device, "loader"), ({},))[0].get("params", {}).get("row_kib")
+        if step and row:
+            return t["params"]["batch"] / step * row * 1024 / 1e6, name
+    return None, f"no GPU results file under {ctx.results} with a clean compiled KD step and loader row size"
 
 
 def run(ctx: Context) -> dict:

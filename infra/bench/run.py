@@ -10,7 +10,6 @@ traceback on stderr), the others still run, exit status 1. `key=value` overrides
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -23,6 +22,7 @@ from infra.bench.common import Context, machine, free_device_memory, header, log
 from infra import storage
 from infra.bench.profiles import Profile, resolve_profile
 from infra.errors import UserError
+from infra.failures import describe
 
 DEFAULT_RESULTS = "bench-results"
 BENCHES = ("cache", "train", "loader", "cache_shm", "codecs", "analyze")  # run in this order
@@ -49,12 +49,6 @@ def run_one(name: str, ctx: Context) -> dict:
     return {"cache": cache, "train": train, "loader": loader, "codecs": codecs}[name].run(ctx)
 
 
-def one_line(e: BaseException) -> str:
-    """`Type: first line of the message`: what a results file records of a failure."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}"[:300] if first else type(e).__name__
-
-
 def run_set(names: list[str], p: Profile, results: Path) -> list[dict]:
     """Run the named benchmarks in one context; print a line each; rewrite the results file before and after each."""
     from infra.provenance import commit, now, source_digest, versions
@@ -75,7 +69,7 @@ def run_set(names: list[str], p: Profile, results: Path) -> list[dict]:
                     line = run_one(name, ctx)
             except Exception as e:  # one failure must not cost the others their run
                 traceback.print_exc(file=sys.stderr)
-                line = {**header(name, p), "error": one_line(e)}
+                line = {**header(name, p), "error": describe(e)[0]}
                 log(f"{name}: FAILED ({line['error']}); going on with the rest")
                 free_device_memory(p.device)  # the failed bench's tensors are garbage now
             line["seconds"] = round(time.time() - t0, 1)
@@ -98,14 +92,3 @@ def main(args) -> int:
     if failed:
         log(f"failed: {', '.join(failed)} (their lines hold the error; the others ran)")
     return 1 if failed else 0
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The arguments of `hakd bench`."""
-    ap.add_argument("what", help=f"one of {', '.join(BENCHES)}, all, or several, comma-separated (cache,train)")
-    ap.add_argument("--results", default=DEFAULT_RESULTS,
-                    help=f"folder of the results file (default: ./{DEFAULT_RESULTS})")
-    ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="profile fields (infra/bench/profiles.py), profile=cpu|gpu|tiny, device=cpu|cuda")
-
-

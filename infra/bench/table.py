@@ -1,10 +1,8 @@
 """The benchmarks' latest clean results: `python -m infra.bench.table [DIR]` writes DIR/README.md.
 
-DIR (default: infra/bench/results, from the repository's root) holds `hakd bench --results DIR` files. Per machine
-and benchmark: the newest line measured on the cpu or gpu profile, not failed, at a known commit that is not dirty,
-on an idle machine (1-minute load average below its cores, where recorded), with every numeric figure and the
-target and verdict it was judged by.
-"""
+DIR (default: infra/bench/results) holds `hakd bench --results DIR` files. Per machine and benchmark: the newest
+line of the cpu or gpu profile, not failed, at a known clean commit, on an idle machine (1-minute load average
+below its cores, where recorded), with every numeric figure and the target and verdict it was judged by."""
 from __future__ import annotations
 
 import json

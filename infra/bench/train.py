@@ -6,11 +6,9 @@
   online_kd_step_s                    the teacher run live to its last block each step, then the KD step
   compiled_*                          plain, resident and offline KD with train.compile (GPU only, its default)
 
-These use train.pca_qkv; `*_by_pca_qkv` hold the offline step with every PCA map. Views are replayed on the device
-(`apply_views`), under bf16 autocast and channels_last on GPU; every kind has its own fresh student and optimiser
-on the same torch threads. After a warm-up the kinds are timed in rounds of `train_steps` steps each, so that
-drift on the machine hits all alike; medians over the rounds.
-"""
+With train.pca_qkv (`*_by_pca_qkv`: the offline step with every PCA map); views replayed on the device, bf16 and
+channels_last on GPU; a fresh student and optimiser per kind; after a warm-up, rounds of `train_steps` steps of
+every kind in turn (drift hits all alike), medians over the rounds."""
 from __future__ import annotations
 
 import copy
