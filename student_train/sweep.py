@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 from infra.config import Config, TrainConfig, config_from_dict, dump_config
 from infra.errors import UserError
+from infra.failures import DISK_ERRNOS, unwrap
 from infra.exclusive import lock_dir, wait_until_unheld
 from infra.integrity import loads_tensors
 
@@ -287,14 +288,25 @@ def run_sweep(cfg: Config, out: Path, beton: Path, meta: dict, device: str, log=
             progress.close()
         errors = [r for r in results if r.error is not None]
         if errors:
-            last = [line for line in str(errors[0].error).splitlines() if line.strip()][-1:]  # the exception itself
-            raise SweepError(f"{len(errors)} trial(s) failed, first in {errors[0].path}: {' '.join(last)}; its "
-                             f"error.txt there has the traceback; the same command resumes the sweep") from None
+            raise trial_failure(errors[0].error, errors[0].path, len(errors)) from None
     final = {t.name: reused.get(t.name) or finished(out, cfg, t) for t in trials}
     missing = [n for n, f in final.items() if f is None]
     if missing:
         raise SweepError(f"trial(s) {', '.join(missing)} did not finish; the same command resumes the sweep")
     return {"trained": [t.name for t in todo], "reused": sorted(reused), "final": final}
+
+
+def trial_failure(error, path: str, count: int) -> Exception:
+    """What a sweep whose `count` trials failed raises, given the first one's error (as Tune keeps it: the
+    exception out of the trial's actor, or the text of its traceback) and its trial directory: a full disk, a
+    quota, a read-only or refused filesystem is that OSError, so that the command's one line names the path, the
+    disk and the fix (infra/failures.py); anything else a SweepError pointing to the trial's error.txt."""
+    cause = unwrap(error) if isinstance(error, BaseException) else None
+    if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+        return cause
+    last = [line for line in str(error).splitlines() if line.strip()][-1:]  # the exception itself
+    return SweepError(f"{count} trial(s) failed, first in {path}: {' '.join(last)}; its error.txt there has the "
+                      f"traceback; the same command resumes the sweep")
 
 
 def train_trials_ddp(cfg, out: Path, beton: Path, meta: dict, device: str, log=print) -> dict:

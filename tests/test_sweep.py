@@ -175,3 +175,31 @@ def test_a_trial_still_trained_by_an_earlier_command_is_waited_for(tmp_path, mon
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_trial_is_the_disks_one_line(ray_session, tmp_path):
+    """A trial that meets a full disk makes the sweep raise that OSError, which `hakd` words as the disk's one line
+    (the path, the disk, the fix, exit 2), as a full disk in the driver is; any other failure names the trial."""
+    from ray import tune
+    from infra.failures import describe
+    from student_train.sweep import SweepError, trial_failure
+
+    def trial(config):  # defined here, so that Ray ships it by value to its workers
+        import errno
+        if config["kind"] == "disk":
+            raise OSError(errno.ENOSPC, "No space left on device", config["path"])
+        raise ValueError("a bug in the trial")
+
+    checkpoint = str(tmp_path / "train" / "checkpoint.pt")
+    results = tune.Tuner(trial, param_space={"kind": tune.grid_search(["disk", "bug"]), "path": checkpoint},
+                         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
+                                                   failure_config=tune.FailureConfig(max_failures=0))).fit()
+    by_kind = {r.config["kind"]: r for r in results}
+    disk = trial_failure(by_kind["disk"].error, by_kind["disk"].path, 2)
+    assert isinstance(disk, OSError) and disk.filename == checkpoint
+    line, status, _ = describe(disk, tmp_path)
+    assert status == 2 and line.startswith(f"no space left writing {checkpoint}") and "run the same command" in line
+    bug = trial_failure(by_kind["bug"].error, by_kind["bug"].path, 2)
+    assert isinstance(bug, SweepError) and "ValueError: a bug in the trial" in str(bug)
+    assert by_kind["bug"].path in str(bug) and "error.txt" in str(bug)
