@@ -79,7 +79,7 @@ def _run_stages(args, stages: list[str]) -> int:
         return _stages(args, cfg, out, stages)
     pipeline.check_out(cfg, out, args.overwrite)
     if "analyze" in stages:  # a model the analysis would not find is refused before any stage works
-        from analysis.evaluate import model_runs
+        from analysis.models import model_runs
         model_runs(cfg)
     with exclusive_out(out):  # a second command on this OUT is refused, not interleaved
         return _stages(args, cfg, out, stages)

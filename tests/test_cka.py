@@ -145,7 +145,7 @@ def test_one_minibatch_is_the_full_debiased_cka(seed):
 
 
 def _demo_models():
-    from analysis.evaluate import build_model
+    from analysis.models import build_model
     from infra.config import load_config
     cfg = load_config(None, ["data.image_size=32"])
     torch.manual_seed(0)

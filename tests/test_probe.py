@@ -76,7 +76,8 @@ def test_cached_features_are_read_decoded_and_pooled(tmp_path, codec):
 @pytest.mark.slow
 def test_probe_on_a_tiny_cache(tiny_cache):
     """Every view of every training image is read back and pooled; the probe is measured through the fitted teacher."""
-    from analysis.evaluate import _split, load_model
+    from analysis.evaluate import _split
+    from analysis.models import load_model
     from student_cache import K, N
     from teacher_cache.datasets import load_split
     from teacher_cache.paths import store_path

@@ -102,7 +102,8 @@ def worker_speedup(p: Profile, cfg, out: Path) -> dict:
 
 def run(p: Profile, workdir: Path | None = None) -> dict:
     """Images/s per (architecture, measure), and the projected time of the paper config's CIFAR-10 analysis."""
-    from analysis.evaluate import build_model, load_model, model_path, model_runs, plan_tasks, precision_for, run_measure
+    from analysis.evaluate import plan_tasks, precision_for, run_measure
+    from analysis.models import build_model, load_model, model_path, model_runs
     from infra.config import config_from_dict
     device, cfg, n = torch.device(p.device), rate_config(p), p.analyze_test_size
     g = torch.Generator().manual_seed(0)
