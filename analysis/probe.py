@@ -40,9 +40,8 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     shard-aligned unit at a time (only the pooled vectors are kept). Coded features are decoded first, as the
     student's loader decodes them: int8 with its per-token scales, PCA codes with the store's basis."""
     from infra.codec_spec import parse_feature_codec
-    from teacher_cache.basis import decode
     from teacher_cache.basis_fit import store_basis
-    from teacher_cache.codecs import dequantize
+    from teacher_cache.feature_codec import decode_features
     from teacher_cache.store import CacheStore
     store = CacheStore.open(path)
     layout = store.layout
@@ -50,15 +49,12 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     codec, ndim = parse_feature_codec(layout.feature_codec), len(shape)
     features = store.array(f"features/{layer}")
     scales = store.array(f"scales/{layer}") if codec.kind != "float16" else None
-    if codec.kind == "pca":
-        basis = [torch.from_numpy(a) for a in store_basis(store, layer)]
+    basis = tuple(map(torch.from_numpy, store_basis(store, layer))) if codec.kind == "pca" else None
     pooled = []
     for u in range(layout.units):
         lo, hi = layout.unit_range(u)
-        f = torch.from_numpy(np.asarray(features[lo:hi]))
-        if codec.kind != "float16":
-            scale = torch.from_numpy(np.asarray(scales[lo:hi]))
-            f = dequantize(f, scale, ndim) if codec.kind == "int8" else decode(f, scale, *basis, ndim, codec.bits)
+        scale = torch.from_numpy(np.asarray(scales[lo:hi])) if scales is not None else None
+        f = decode_features(torch.from_numpy(np.asarray(features[lo:hi])), scale, codec, ndim, basis)
         pooled.append(pool(f, ndim, prefix))
     x = torch.cat(pooled)  # (N, K, D)
     n, k = x.shape[:2]

@@ -31,9 +31,8 @@ from infra.errors import UserError
 from student_train.losses import KDObjective
 from student_train.students import Student
 from student_train.trainer import OBJECTIVE_KEYS, LastBlockTargets
-from teacher_cache.basis import decode, encode
 from teacher_cache.basis_fit import sample_pairs, store_basis, teacher_features
-from teacher_cache.codecs import dequantize, quantize
+from teacher_cache.feature_codec import decode_features, encode_features
 from teacher_cache.fit import load_fitted
 from teacher_cache.paths import storage_root, store_path
 from teacher_cache.store import CacheStore
@@ -60,12 +59,9 @@ def round_trip(store: CacheStore, layer: str, exact: torch.Tensor) -> torch.Tens
     """`exact` features (float16) as the store's codec gives them back after coding."""
     lay = store.layout
     codec, ndim = parse_feature_codec(lay.feature_codec), len(lay.layers[layer])
-    if codec.kind == "float16":
-        return exact
-    if codec.kind == "int8":
-        return dequantize(*quantize(exact, ndim), ndim)
-    mean, comps = (torch.from_numpy(a).to(exact.device) for a in store_basis(store, layer))
-    return decode(*encode(exact, mean, comps, ndim, codec.bits), mean, comps, ndim, codec.bits)
+    basis = tuple(torch.from_numpy(a).to(exact.device) for a in store_basis(store, layer)) \
+        if codec.kind == "pca" else None
+    return decode_features(*encode_features(exact, codec, ndim, basis), codec, ndim, basis)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

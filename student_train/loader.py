@@ -22,8 +22,9 @@ import torch
 
 from infra.codec_spec import parse_feature_codec
 from student_train.pack import packed_params
-from teacher_cache.basis import PARAMS as BASIS, check_basis, decode
-from teacher_cache.codecs import dequantize, token_axis
+from teacher_cache.basis import PARAMS as BASIS, check_basis
+from teacher_cache.codecs import token_axis
+from teacher_cache.feature_codec import decode_features
 from teacher_cache.store import StoreError
 
 _THREAD_ERRORS: dict[int, BaseException] = {}
@@ -160,15 +161,11 @@ class StudentLoader:
         x = batch[field].to(device, non_blocking=True)
         info = self.meta["fields"][field]
         codec = parse_feature_codec(info.get("codec", info["dtype"]))
-        if codec.kind == "float16":
-            return x
-        scale = batch[info["scale"]].to(device, non_blocking=True)
-        if codec.kind == "int8":
-            return dequantize(x, scale, len(info["shape"]))
+        scale = batch[info["scale"]].to(device, non_blocking=True) if codec.kind != "float16" else None
         key = (field, str(device))
-        if key not in self._on_device:
+        if codec.kind == "pca" and key not in self._on_device:
             self._on_device[key] = tuple(torch.from_numpy(a).to(device) for a in self.bases[field])
-        return decode(x, scale, *self._on_device[key], len(info["shape"]), codec.bits)
+        return decode_features(x, scale, codec, len(info["shape"]), self._on_device.get(key))
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.next_epoch = epoch

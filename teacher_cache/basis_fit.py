@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from infra.codec_spec import parse_feature_codec
-from teacher_cache.basis import PARAMS, check_basis, decode, fit_basis, tokens
-from teacher_cache.codecs import dequantize, token_axis
+from teacher_cache.basis import PARAMS, check_basis, fit_basis, tokens
+from teacher_cache.codecs import token_axis
+from teacher_cache.feature_codec import decode_features
 from teacher_cache.layout import Layout
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views
@@ -105,10 +106,6 @@ def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Ten
     lay = store.layout
     codec, shape = parse_feature_codec(lay.feature_codec), lay.layers[layer]
     x = torch.from_numpy(store.array(f"features/{layer}")[rows, view])
-    if codec.kind == "float16":
-        return x
-    scale = torch.from_numpy(store.array(f"scales/{layer}")[rows, view])
-    if codec.kind == "int8":
-        return dequantize(x, scale, len(shape))
-    mean, comps = store_basis(store, layer)
-    return decode(x, scale, torch.from_numpy(mean), torch.from_numpy(comps), len(shape), codec.bits)
+    scale = torch.from_numpy(store.array(f"scales/{layer}")[rows, view]) if codec.kind != "float16" else None
+    basis = tuple(map(torch.from_numpy, store_basis(store, layer))) if codec.kind == "pca" else None
+    return decode_features(x, scale, codec, len(shape), basis)

@@ -15,8 +15,9 @@ from infra.config import Config
 from teacher_cache.datasets import load_split
 from infra.codec_spec import parse_feature_codec
 from teacher_cache.fit import build_teacher
-from teacher_cache.basis import encode, fit_basis, tokens
-from teacher_cache.codecs import blosc, parse_overrides, quantize, resolve
+from teacher_cache.basis import fit_basis, tokens
+from teacher_cache.codecs import blosc, parse_overrides, resolve
+from teacher_cache.feature_codec import encode_features
 from teacher_cache.job import ROLES, plan
 from teacher_cache.views import apply_views, sample_views
 from teacher_cache.writers import shm_free, slot_bytes
@@ -72,17 +73,16 @@ def disk_plan(cfg: Config) -> dict:
         samples = {"images": sample, "logits": out["logits"].half().numpy()}
         codec = parse_feature_codec(cfg.cache.feature_codec)
         for l, shape in layout.layers.items():
+            basis = None
             if codec.kind == "pca":  # a pca store's codes are bounded by its rank cap (planned_ranks): measured
                 # with a basis fitted on this sample at that rank; the basis (float32) is copied beside the packed file
                 mean, comps, _ = fit_basis(tokens(out[l], len(shape)).numpy(), codec, cfg.data.seed, layout.ranks[l])
-                q, scale = encode(out[l], torch.from_numpy(mean), torch.from_numpy(comps), len(shape), codec.bits)
-                samples[f"features/{l}"], samples[f"scales/{l}"] = q.numpy(), scale.numpy()
+                basis = (torch.from_numpy(mean), torch.from_numpy(comps))
                 params_bytes += mean.nbytes + comps.nbytes
-            elif codec.kind == "int8":
-                q, scale = quantize(out[l], len(shape))
-                samples[f"features/{l}"], samples[f"scales/{l}"] = q.numpy(), scale.numpy()
-            else:
-                samples[f"features/{l}"] = out[l].half().numpy()
+            q, scale = encode_features(out[l], codec, len(shape), basis)
+            samples[f"features/{l}"] = q.numpy()
+            if scale is not None:
+                samples[f"scales/{l}"] = scale.numpy()
         arrays = {}
         for name, per_sample in layout.bytes_per_sample().items():
             shape = layout.arrays()[name][0][1:]

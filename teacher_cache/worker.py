@@ -16,9 +16,8 @@ import torch
 from infra import storage
 from infra.config import config_from_dict
 from infra.codec_spec import parse_feature_codec
-from teacher_cache.basis import encode
 from teacher_cache.basis_fit import store_basis
-from teacher_cache.codecs import quantize
+from teacher_cache.feature_codec import encode_features
 from teacher_cache.fit import cached_layers, load_fitted
 from teacher_cache.paths import storage_root
 from teacher_cache.store import CacheStore, StoreError
@@ -104,19 +103,13 @@ class CacheWorker:
     def _stored(self, feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One batch's outputs as they are stored, still on the device and contiguous (float16, or int8 +
         per-token scales), and whether all of them fit float16 (a device flag: reading it would synchronise)."""
-        fp16 = {"dtype": torch.float16, "memory_format": torch.contiguous_format}
-        out = {"logits": feats["logits"].to(**fp16)}
+        out = {"logits": feats["logits"].to(torch.float16, memory_format=torch.contiguous_format)}
         ok = feats["logits"].abs().amax() <= FLOAT16_MAX  # False for NaN too
         for name, shape in self.store.layout.layers.items():
             ok &= feats[name].abs().amax() <= FLOAT16_MAX
-            if self.codec.kind == "pca":
-                q, scale = encode(feats[name], *self.basis[name], len(shape), self.codec.bits)
-                out[f"features/{name}"], out[f"scales/{name}"] = q, scale.contiguous()
-            elif self.codec.kind == "int8":
-                q, scale = quantize(feats[name], len(shape))
-                out[f"features/{name}"], out[f"scales/{name}"] = q.contiguous(), scale.contiguous()
-            else:
-                out[f"features/{name}"] = feats[name].to(**fp16)
+            out[f"features/{name}"], scale = encode_features(feats[name], self.codec, len(shape), self.basis.get(name))
+            if scale is not None:
+                out[f"scales/{name}"] = scale
         return out, ok
 
     def _basis(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""The fitted-basis codec (teacher_cache/basis.py): the rank it picks, its round trips, int4 packing."""
+"""The fitted-basis codec (teacher_cache/basis.py): the rank it picks, its round trips, int4 packing; and every
+feature codec through the one encoder and decoder (teacher_cache/feature_codec.py)."""
 import numpy as np
 import pytest
 import torch
@@ -100,3 +101,27 @@ def test_check_basis_refuses_a_damaged_or_mismatched_basis():
     bad = {**good, "l.components": np.full((4, 8), np.nan, np.float32)}
     with pytest.raises(ValueError, match="finite"):
         check_basis(bad, "l", 8, 4)
+
+
+@pytest.mark.parametrize("spec, bound", [("float16", 0.0), ("int8", 0.01), ("pca:1.0:int8", 0.01),
+                                         ("pca:1.0:int4", 0.2)])
+@pytest.mark.parametrize("view_shape", [(5, 16), (16, 3, 3)])  # a ViT's tokens, a CNN's map
+def test_every_feature_codec_round_trips_through_one_encoder_and_decoder(spec, bound, view_shape):
+    """encode_features / decode_features, what the worker stores and every reader decodes: contiguous stored values,
+    a scale per token for the coded kinds only, float16 features back of the same shape, float16 unchanged."""
+    from teacher_cache.feature_codec import decode_features, encode_features
+    codec = parse_feature_codec(spec)
+    x = torch.randn(4, *view_shape, generator=torch.Generator().manual_seed(0)).half()
+    basis = None
+    if codec.kind == "pca":
+        mean, comps, _ = fit_basis(tokens(x.float(), len(view_shape)).numpy(), codec, seed=0)
+        basis = (torch.from_numpy(mean), torch.from_numpy(comps))
+    values, scale = encode_features(x, codec, len(view_shape), basis)
+    assert values.is_contiguous() and (scale is None) == (codec.kind == "float16")
+    if scale is not None:
+        tokens_per_view = view_shape[0] if len(view_shape) == 2 else view_shape[1] * view_shape[2]
+        assert scale.dtype == torch.float16 and scale.numel() == 4 * tokens_per_view and scale.is_contiguous()
+    back = decode_features(values, scale, codec, len(view_shape), basis)
+    assert back.dtype == torch.float16 and back.shape == x.shape
+    error = float((back.float() - x.float()).norm() / x.float().norm())
+    assert error <= bound, (spec, error)
