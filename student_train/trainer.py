@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from infra import storage
 from infra.config import Config
 from infra.errors import UserError
 from student_train.distributed import epoch_seed, init_distributed
@@ -250,9 +251,9 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
             sched.load_state_dict(ck["schedule"])
             start_epoch = ck["epoch"] + 1
             log(f"{kind}: resuming after epoch {ck['epoch'] + 1}/{t.epochs}")
-    if rank == 0 and metrics_path.exists():  # drop lines of epochs that will be re-run
-        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
-        metrics_path.write_text("".join(k + "\n" for k in kept))
+    if rank == 0 and metrics_path.exists():  # drop lines of epochs that will be re-run, and a line cut short
+        kept = [l for l in metrics_path.read_text().splitlines() if l and _epoch_of(l) < start_epoch]
+        storage.write_bytes(metrics_path, "".join(k + "\n" for k in kept).encode())
 
     clean = load_split(cfg.data, "clean")
     run = _Training(model, step_module, loader, opt, sched, live, plan, cfg, device, rank, kind)
@@ -266,15 +267,15 @@ def train_student(cfg: Config, kind: str, out_dir: Path, beton: Path, meta: dict
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
-            _atomic_save({"model": step_module.state_dict(), "optimizer": opt.state_dict(),
-                          "schedule": sched.state_dict(), "epoch": epoch,
-                          "digest": _digest(cfg, kind)}, ckpt_path)
+            storage.save_tensors({"model": step_module.state_dict(), "optimizer": opt.state_dict(),
+                                  "schedule": sched.state_dict(), "epoch": epoch,
+                                  "digest": _digest(cfg, kind)}, ckpt_path)
             if on_epoch is not None:
                 on_epoch(last)
             log(f"{kind} epoch {epoch + 1}/{t.epochs}: loss {last['loss']:.3f} train acc {last['train_accuracy']:.3f} "
                 f"test acc {last['test_clean_accuracy']:.3f} ({last['images_per_s']:.0f} img/s)")
     if rank == 0:
-        _atomic_save(student.cpu().state_dict(), out_dir / "model.pt")
+        storage.save_tensors(student.cpu().state_dict(), out_dir / "model.pt")
         if not last and metrics_path.exists():
             last = json.loads(metrics_path.read_text().splitlines()[-1])
     return last
@@ -373,11 +374,13 @@ def _evaluate(student: Student, split: dict, device, batch: int) -> float:
     return correct / max(1, len(split["labels"]))
 
 
+def _epoch_of(line: str) -> int | float:
+    """The epoch of a metrics.jsonl line; infinity for a line a full disk or a kill cut short (never kept)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _digest(cfg: Config, kind: str) -> str:
     return cfg.digest("seed", "data", "teacher_vit", "teacher_cnn", "cache", "train") + ":" + kind
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

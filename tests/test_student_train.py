@@ -5,6 +5,7 @@ each student kind is trained once for this module (`trained`).
 """
 from __future__ import annotations
 
+import errno
 import inspect
 
 import numpy as np
@@ -124,6 +125,26 @@ def test_resume_matches_uninterrupted(tiny_cache, tiny_packed, trained, tmp_path
 
 
 # ------------------------------------------------------------------------------------ 3. cache check
+
+def test_a_full_disk_at_a_checkpoint_is_an_oserror_naming_it_and_the_student_resumes(tiny_cache, tiny_packed,
+                                                                                       tmp_path):
+    """torch.save straight to a file meets a full disk with a RuntimeError of its C++ writer that names nothing, and
+    leaves the part written: checkpoints go through infra.storage, an OSError naming the checkpoint (which `hakd`
+    words as the disk's one line) and nothing partial left. A metrics line cut short is dropped on resume."""
+    cfg, _ = tiny_cache
+    beton, meta = tiny_packed
+    d = tmp_path / "student_independent"
+    d.mkdir()
+    (d / "checkpoint.pt.tmp").symlink_to("/dev/full")  # every write into it fails with ENOSPC
+    with pytest.raises(OSError) as e:
+        train_student(cfg, "student_independent", d, beton, meta, log=quiet)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(d / "checkpoint.pt")
+    assert not (d / "checkpoint.pt.tmp").is_symlink() and not (d / "checkpoint.pt").exists()
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "lo')  # the disk filled in the middle of a line
+    train_student(cfg, "student_independent", d, beton, meta, log=quiet)
+    assert [m["epoch"] for m in metrics(d)] == list(range(cfg.train.epochs))
+
 
 def test_check_cache_plans_the_fields(tiny_cache, tiny_packed):
     cfg, _ = tiny_cache
