@@ -26,6 +26,8 @@ from analysis.plots import order_models, style
 from analysis.quantities import PERCENT, fmt, fmt_stat, jsonable
 from analysis.sections import DEFAULT_PAIRS, SECTIONS, measure_sections, models_in, variants
 from analysis.verdicts import CORRECTION, INDEPENDENT, KD, LOGIT_KD, Comparison, claim, comparisons, stat
+from infra import storage
+
 # Table 1's "Distillation" column for students without a feature-distillation teacher
 UNPAIRED = {INDEPENDENT: "none (CE only)", LOGIT_KD: "ViT → ResNet (logits)"}
 # The paper's Table 1 (Aftab et al.), top-1 %, one number per model on its treated test set
@@ -195,7 +197,9 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
     full, ctx = report_metrics(metrics)
     ctx = ctx._replace(gradcam_grid=gradcam_grid)
     paths = {"metrics": out_dir / "metrics.json"}
-    paths["metrics"].write_text(json.dumps(jsonable(full), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    # whole files or none: a full disk leaves no half-written metrics.json or report under its name
+    storage.write_bytes(paths["metrics"], (json.dumps(jsonable(full), indent=2, allow_nan=False, ensure_ascii=False)
+                                           + "\n").encode())
 
     title = f"hakd report: {full['meta'].get('dataset', 'unknown dataset')}"
     blocks = [Heading(1, title)]
@@ -205,7 +209,7 @@ def write_report(metrics: dict, out_dir: Path, gradcam_grid: dict | None = None)
         paths.update(plot_paths)
 
     paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(to_markdown(blocks), encoding="utf-8")
+    storage.write_bytes(paths["markdown"], to_markdown(blocks).encode())
     paths["html"] = out_dir / "report.html"
-    paths["html"].write_text(to_html(blocks, title), encoding="utf-8")
+    storage.write_bytes(paths["html"], to_html(blocks, title).encode())
     return paths

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.integrity import file_crc32c
-from infra.storage import is_url
+from infra.storage import is_url, write_bytes
 from teacher_cache.store import CacheStore, StoreError
 
 FFCV_NAME, META_NAME = "data.beton", "data.json"
@@ -212,5 +212,5 @@ def pack(stores: dict[str, str | Path], out_dir: Path, workers: int = 2, log=pri
             "image_size": s, "num_classes": first.num_classes, "fields": meta_fields,
             "stores": {r: p if is_url(p) else str(Path(p).resolve()) for r, p in stores.items()},
             "identities": {r: o.attrs["identity"] for r, o in opened.items()}, "params": params}
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return beton, meta

@@ -34,6 +34,7 @@ from infra.errors import UserError
 from infra.failures import DISK_ERRNOS, unwrap
 from infra.exclusive import lock_dir, wait_until_unheld
 from infra.integrity import loads_tensors
+from infra.storage import write_bytes
 
 TUNE_DIR = "tune"  # OUT/train/tune/<experiment>/<trial>/: Tune's own result files
 
@@ -134,9 +135,8 @@ def write_summary(d: Path, tcfg: Config, trial: Trial, final: dict) -> None:
     written last and whole, then its run info. Called by the one process that writes (a Tune trial, or rank 0)."""
     from infra.provenance import write_run_info
 
-    tmp = d / "summary.json.tmp"
-    tmp.write_text(json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2))
-    os.replace(tmp, d / "summary.json")
+    write_bytes(d / "summary.json",
+                json.dumps({"digest": trial_digest(tcfg), "trial": trial.name, "final": final}, indent=2).encode())
     write_run_info(d, tcfg, student=trial.student, seed=trial.seed, grid=dict(trial.grid))
 
 

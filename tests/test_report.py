@@ -411,3 +411,14 @@ def test_report_of_a_tiny_run(tiny_run):
     assert markdown.index("## Verdicts") < markdown.index("## Table 1") < markdown.index("## Premise") < \
         markdown.index("## Findings")
     assert "maps dropped (no mass)" in markdown and "its features (linear probe)" in markdown
+
+
+def test_a_full_disk_leaves_no_half_written_report(tmp_path):
+    """Each of metrics.json, report.md and report.html is written whole under its name or not at all: a full disk is
+    an OSError naming the file (the disk's one line in `hakd`), with no part of it left behind."""
+    import errno
+    (tmp_path / "metrics.json.tmp").symlink_to("/dev/full")  # every write into it fails with ENOSPC
+    with pytest.raises(OSError) as e:
+        write_report(_metrics(), tmp_path, gradcam_grid=_grid())
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "metrics.json")
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "metrics.json.tmp").is_symlink()
