@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from analysis import evaluate
+from analysis import evaluate, models
 from infra.config import ConfigError, load_config
 from infra.errors import UserError
 
@@ -46,10 +46,10 @@ def test_bf16_autocast_path_runs_and_agrees(tmp_path):
                              "analysis.fourier_radii=[0.3,1.0]", "analysis.occlusion_fractions=[0.0,0.5]"])
     torch.manual_seed(0)
     for name in ("student_independent", "teacher_vit"):
-        path = evaluate.model_path(tmp_path, name)
+        path = models.model_path(tmp_path, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(evaluate.build_model(cfg, name).state_dict(), path)
-    model = evaluate.load_model(cfg, tmp_path, "student_independent")
+        torch.save(models.build_model(cfg, name).state_dict(), path)
+    model = models.load_model(cfg, tmp_path, "student_independent")
     g = torch.Generator().manual_seed(0)
     # a "test set" the model gets right: its own float32 predictions as labels
     x = torch.rand(32, 3, 32, 32, generator=g)
