@@ -40,7 +40,7 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     shard-aligned unit at a time (only the pooled vectors are kept). Coded features are decoded first, as the
     student's loader decodes them: int8 with its per-token scales, PCA codes with the store's basis."""
     from infra.codec_spec import parse_feature_codec
-    from teacher_cache.basis_fit import store_basis
+    from teacher_cache.basis_fit import layer_basis
     from teacher_cache.feature_codec import decode_features
     from teacher_cache.store import CacheStore
     store = CacheStore.open(path)
@@ -49,7 +49,7 @@ def cached_pooled(path, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     codec, ndim = parse_feature_codec(layout.feature_codec), len(shape)
     features = store.array(f"features/{layer}")
     scales = store.array(f"scales/{layer}") if codec.kind != "float16" else None
-    basis = tuple(map(torch.from_numpy, store_basis(store, layer))) if codec.kind == "pca" else None
+    basis = layer_basis(store, layer)
     pooled = []
     for u in range(layout.units):
         lo, hi = layout.unit_range(u)

@@ -31,7 +31,7 @@ from infra.errors import UserError
 from student_train.losses import KDObjective
 from student_train.students import Student
 from student_train.trainer import OBJECTIVE_KEYS, LastBlockTargets
-from teacher_cache.basis_fit import sample_pairs, store_basis, teacher_features
+from teacher_cache.basis_fit import layer_basis, sample_pairs, teacher_features
 from teacher_cache.feature_codec import decode_features, encode_features
 from teacher_cache.fit import load_fitted
 from teacher_cache.paths import storage_root, store_path
@@ -59,8 +59,7 @@ def round_trip(store: CacheStore, layer: str, exact: torch.Tensor) -> torch.Tens
     """`exact` features (float16) as the store's codec gives them back after coding."""
     lay = store.layout
     codec, ndim = parse_feature_codec(lay.feature_codec), len(lay.layers[layer])
-    basis = tuple(torch.from_numpy(a).to(exact.device) for a in store_basis(store, layer)) \
-        if codec.kind == "pca" else None
+    basis = layer_basis(store, layer, exact.device)
     return decode_features(*encode_features(exact, codec, ndim, basis), codec, ndim, basis)
 
 

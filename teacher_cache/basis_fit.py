@@ -15,7 +15,7 @@ import torch
 from infra.codec_spec import parse_feature_codec
 from teacher_cache.basis import PARAMS, check_basis, fit_basis, tokens
 from teacher_cache.codecs import token_axis
-from teacher_cache.feature_codec import decode_features
+from teacher_cache.feature_codec import Basis, decode_features
 from teacher_cache.layout import Layout
 from teacher_cache.store import CacheStore, StoreError
 from teacher_cache.views import apply_views
@@ -100,6 +100,14 @@ def store_basis(store: CacheStore, layer: str) -> tuple[np.ndarray, np.ndarray]:
         raise StoreError(f"cache store {store.path}: {e}; re-run `hakd cache --overwrite`") from None
 
 
+def layer_basis(store: CacheStore, layer: str, device: str | torch.device = "cpu") -> Basis | None:
+    """`layer`'s (mean, components) as tensors on `device`, as `decode_features` and `encode_features` take them;
+    None for a store whose feature codec is not pca."""
+    if parse_feature_codec(store.layout.feature_codec).kind != "pca":
+        return None
+    return tuple(torch.from_numpy(a).to(device) for a in store_basis(store, layer))
+
+
 def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Tensor:
     """features/<layer> of samples `rows` (a slice or index array) at `view` as float16, decoded as the student
     step decodes them: whatever the store's codec, the features a student learns from."""
@@ -107,5 +115,4 @@ def stored_features(store: CacheStore, layer: str, rows, view: int) -> torch.Ten
     codec, shape = parse_feature_codec(lay.feature_codec), lay.layers[layer]
     x = torch.from_numpy(store.array(f"features/{layer}")[rows, view])
     scale = torch.from_numpy(store.array(f"scales/{layer}")[rows, view]) if codec.kind != "float16" else None
-    basis = tuple(map(torch.from_numpy, store_basis(store, layer))) if codec.kind == "pca" else None
-    return decode_features(x, scale, codec, len(shape), basis)
+    return decode_features(x, scale, codec, len(shape), layer_basis(store, layer))

@@ -16,7 +16,7 @@ import torch
 from infra import storage
 from infra.config import config_from_dict
 from infra.codec_spec import parse_feature_codec
-from teacher_cache.basis_fit import store_basis
+from teacher_cache.basis_fit import layer_basis
 from teacher_cache.feature_codec import encode_features
 from teacher_cache.fit import cached_layers, load_fitted
 from teacher_cache.paths import storage_root
@@ -57,7 +57,8 @@ class CacheWorker:
         self.store = CacheStore.open(path)
         self.images, self.labels, self.views = images, labels, views
         self.codec = parse_feature_codec(self.store.layout.feature_codec)
-        self.basis = self._basis() if self.codec.kind == "pca" else {}
+        # each layer's basis on the device (None unless pca), from the store's basis group, written before any unit
+        self.basis = {name: layer_basis(self.store, name, self.device) for name in self.store.layout.layers}
         spec = self.store.layout.unit_spec()
         writers = writer_count(self.cfg.cache.writers, spec, device)
         # one slot per writer, and one being filled by compute
@@ -107,18 +108,10 @@ class CacheWorker:
         ok = feats["logits"].abs().amax() <= FLOAT16_MAX  # False for NaN too
         for name, shape in self.store.layout.layers.items():
             ok &= feats[name].abs().amax() <= FLOAT16_MAX
-            out[f"features/{name}"], scale = encode_features(feats[name], self.codec, len(shape), self.basis.get(name))
+            out[f"features/{name}"], scale = encode_features(feats[name], self.codec, len(shape), self.basis[name])
             if scale is not None:
                 out[f"scales/{name}"] = scale
         return out, ok
-
-    def _basis(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (mean, components) on the device, from the store's basis group (written before any unit)."""
-        out = {}
-        for name in self.store.layout.layers:
-            mean, comps = store_basis(self.store, name)
-            out[name] = (torch.from_numpy(mean).to(self.device), torch.from_numpy(comps).to(self.device))
-        return out
 
     def compute(self, u: int) -> tuple[int, int]:
         """Fill a free slot with unit u (inputs and teacher outputs, on the host); returns (slot, samples).
